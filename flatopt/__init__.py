@@ -1,0 +1,30 @@
+"""flatopt: exact, seed-only Flat-LoRA for any torch optimizer and any LoRA implementation.
+
+Example:
+    >>> import torch, flatopt
+    >>> from flatopt.lora import add_lora
+    >>> net = add_lora(torch.nn.Sequential(torch.nn.Linear(8, 8)), ["0"], rank=2)
+    >>> inner = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad])
+    >>> opt = flatopt.FlatPerturb(inner, net, sigma=0.05, total_steps=10)
+    >>> opt.targets
+    [('0', (8, 8))]
+"""
+
+from . import lora, noise
+from .adapters import Target, register_adapter
+from .noise import LowRank
+from .perturb import FlatPerturb
+from .sharpness import Sharpness, sharpness
+
+__all__ = [
+    "FlatPerturb",
+    "LowRank",
+    "Sharpness",
+    "Target",
+    "lora",
+    "noise",
+    "register_adapter",
+    "sharpness",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,225 @@
+"""How a layer's forward sees W + ε while W itself is never written (DESIGN §3).
+
+While armed, a forward pre-hook swaps the tensor the module reads for a fresh W + ε, and the
+forward hook swaps W back. Whatever autograd saves of W + ε is packed into a small token and
+regenerated bit for bit from the seed when backward needs it, so no perturbed weight lives
+from the forward to the backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .adapters import Target
+from .noise import noise_std, perturbed_weight, row_dim
+
+__all__ = ["Armed", "Generators", "Site"]
+
+_top_saved_tensors_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
+def _read(module: nn.Module, name: str) -> Tensor:
+    for store in (module._parameters, module._buffers):
+        if name in store:
+            return store[name]
+    return module.__dict__[name]
+
+
+def _write(module: nn.Module, name: str, value: Tensor) -> None:
+    for store in (module._parameters, module._buffers):
+        if name in store:
+            store[name] = value
+            return
+    module.__dict__[name] = value
+
+
+class Site:
+    """A target's lasting facts: its name, index, layout and a cache of its base row norms."""
+
+    def __init__(self, index: int, name: str, target: Target):
+        self.index = index
+        self.name = name
+        self.target = target
+        weight = target.weight
+        self.shape = tuple(weight.shape)
+        rows = weight.shape[row_dim(weight, target.transposed)]
+        self.logical_shape = (rows, weight.numel() // max(rows, 1))
+        self._base_key: Optional[tuple[int, int]] = None
+        self._base_sq: Optional[Tensor] = None
+
+    def std(self, sigma: float) -> Tensor:
+        """The per-row noise std σ·‖W'_i‖/√n at the weights' current values."""
+        target, weight = self.target, self.target.weight
+        delta = target.delta() if target.delta is not None else None
+        base_sq = None
+        if not isinstance(delta, Tensor):
+            # ‖W_i‖² is reused while W is unchanged: frozen base weights never pay it twice.
+            key = (weight._version, weight.data_ptr())
+            if key != self._base_key:
+                dim = row_dim(weight, target.transposed)
+                other = [d for d in range(weight.ndim) if d != dim]
+                acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+                with torch.no_grad():
+                    self._base_sq = torch.linalg.vector_norm(weight, dim=other, dtype=acc).square()
+                self._base_key = key
+            base_sq = self._base_sq
+        return noise_std(weight, delta, sigma, transposed=target.transposed, base_sq=base_sq)
+
+
+class _Token(NamedTuple):
+    """What autograd keeps of W + ε: enough to regenerate it, and the view's geometry."""
+
+    noise: _Noise
+    weight: Tensor
+    size: torch.Size
+    stride: tuple[int, ...]
+    offset: int
+
+
+class _Outer(NamedTuple):
+    """A saved tensor handed to the saved-tensor hooks that were active around ours."""
+
+    unpack: Callable[[Any], Tensor]
+    packed: Any
+
+
+class _Noise:
+    """One target's noise for one arming: its std, seed and generator."""
+
+    def __init__(self, target: Target, std: Tensor, seed: int, generator: torch.Generator):
+        self.target = target
+        self.std = std
+        self.seed = seed
+        self.generator = generator
+
+    def apply(self, weight: Tensor) -> Tensor:
+        return perturbed_weight(
+            weight,
+            self.std,
+            transposed=self.target.transposed,
+            generator=self.generator,
+            seed=self.seed,
+        )
+
+
+class _PerturbedWeight(torch.autograd.Function):
+    """W + ε for a trainable W: the gradient reaching W is the one taken at W + ε."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, noise: _Noise) -> Tensor:
+        return noise.apply(weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
+class _Swap:
+    """The forward hooks of one armed target."""
+
+    def __init__(self, noise: _Noise):
+        self.noise = noise
+        self.stack: list[tuple[Tensor, Any]] = []
+
+    def pre(self, module: nn.Module, args: Any) -> None:
+        name = self.noise.target.param_name
+        weight = _read(module, name)
+        if weight.requires_grad and torch.is_grad_enabled():
+            perturbed = _PerturbedWeight.apply(weight, self.noise)
+        else:
+            perturbed = self.noise.apply(weight)
+        hooks = torch.autograd.graph.saved_tensors_hooks(self._packer(weight, perturbed), _unpack)
+        _write(module, name, perturbed)
+        hooks.__enter__()
+        self.stack.append((weight, hooks))
+
+    def post(self, module: nn.Module, args: Any, output: Any) -> None:
+        weight, hooks = self.stack.pop()
+        hooks.__exit__(None, None, None)
+        _write(module, self.noise.target.param_name, weight)
+
+    def unwind(self) -> None:
+        """Undo swaps that a failed forward left behind (its forward hook did not run)."""
+        while self.stack:
+            weight, hooks = self.stack.pop()
+            hooks.__exit__(None, None, None)
+            _write(self.noise.target.module, self.noise.target.param_name, weight)
+
+    def _packer(self, weight: Tensor, perturbed: Tensor) -> Callable[[Tensor], Any]:
+        # Only plain facts about W + ε are captured: holding the tensor would keep it alive.
+        noise, ptr = self.noise, perturbed.untyped_storage().data_ptr()
+        device, dtype = perturbed.device, perturbed.dtype
+        outer = _top_saved_tensors_hooks(False) if _top_saved_tensors_hooks else None
+
+        def pack(saved: Tensor) -> Any:
+            if (
+                saved.device == device
+                and saved.dtype == dtype
+                and saved.untyped_storage().data_ptr() == ptr
+            ):
+                return _Token(noise, weight, saved.size(), saved.stride(), saved.storage_offset())
+            if outer is not None:
+                return _Outer(outer[1], outer[0](saved))
+            return saved
+
+        return pack
+
+
+def _unpack(packed: Any) -> Tensor:
+    if isinstance(packed, _Token):
+        with torch.no_grad():
+            full = packed.noise.apply(packed.weight)
+        return full.as_strided(packed.size, packed.stride, packed.offset)
+    if isinstance(packed, _Outer):
+        return packed.unpack(packed.packed)
+    return packed
+
+
+class Armed:
+    """The live perturbation of a set of sites; :meth:`disarm` removes every trace of it."""
+
+    def __init__(
+        self,
+        sites: Sequence[Site],
+        stds: Sequence[Tensor],
+        seeds: Sequence[int],
+        generator: Callable[[torch.device], torch.Generator],
+    ):
+        self._swaps: list[_Swap] = []
+        self._handles: list[Any] = []
+        try:
+            for site, std, seed in zip(sites, stds, seeds):
+                target = site.target
+                swap = _Swap(_Noise(target, std, seed, generator(target.weight.device)))
+                self._handles.append(target.module.register_forward_pre_hook(swap.pre))
+                self._handles.append(
+                    target.module.register_forward_hook(swap.post, always_call=True)
+                )
+                self._swaps.append(swap)
+        except BaseException:
+            self.disarm()
+            raise
+
+    def disarm(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        for swap in self._swaps:
+            swap.unwind()
+        self._handles.clear()
+
+
+class Generators:
+    """One private ``torch.Generator`` per device, created on first use."""
+
+    def __init__(self) -> None:
+        self._by_device: dict[torch.device, torch.Generator] = {}
+
+    def __call__(self, device: torch.device) -> torch.Generator:
+        generator = self._by_device.get(device)
+        if generator is None:
+            generator = self._by_device[device] = torch.Generator(device=device)
+        return generator

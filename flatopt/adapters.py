@@ -1,0 +1,177 @@
+"""The adapter protocol: how flatopt finds the weights to perturb in any LoRA implementation.
+
+An adapter is any callable ``adapter(module) -> Target | None``. It is asked about every
+module of the model; the first adapter that returns a :class:`Target` claims that module.
+Adapters recognise classes by duck typing, so no LoRA library is imported here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .noise import Delta
+
+__all__ = ["Adapter", "Target", "find_targets", "register_adapter"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One weight to perturb: what the forward reads, and the low-rank update merged into it.
+
+    Args:
+        module: the module whose forward reads the weight. Its forward hooks must run, i.e. it
+            is called as ``module(...)``.
+        param_name: the attribute the forward reads, ``getattr(module, param_name)``.
+        delta: a zero-argument callable returning ΔW: a tensor in the weight's storage layout,
+            a :class:`~flatopt.LowRank` (or a list of them, one per active adapter), or None.
+            ``None`` instead of a callable means ΔW = 0.
+        transposed: the weight is stored as ``(fan_in, out)``, e.g. GPT-2's ``Conv1D``.
+
+    Example:
+        >>> layer = torch.nn.Linear(3, 2)
+        >>> Target(layer, "weight").param_name
+        'weight'
+    """
+
+    module: nn.Module
+    param_name: str
+    delta: Optional[Callable[[], Delta]] = None
+    transposed: bool = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The tensor the forward reads (the frozen base weight for LoRA layers)."""
+        return getattr(self.module, self.param_name)
+
+
+Adapter = Callable[[nn.Module], Optional[Target]]
+
+_REGISTERED: list[Adapter] = []
+
+
+def register_adapter(adapter: Adapter) -> Adapter:
+    """Add an adapter for every future :class:`~flatopt.FlatPerturb`, tried before the built-ins.
+
+    Returns the adapter, so it can be used as a decorator.
+
+    Raises:
+        TypeError: ``adapter`` is not callable.
+
+    Example:
+        >>> @register_adapter
+        ... def my_lora(module):
+        ...     return None  # return a Target for your LoRA class
+        >>> _REGISTERED.remove(my_lora)
+    """
+    if not callable(adapter):
+        raise TypeError(
+            f"register_adapter expects a callable module -> Target | None, got {adapter!r}."
+        )
+    if adapter not in _REGISTERED:
+        _REGISTERED.append(adapter)
+    return adapter
+
+
+def flatopt_lora(module: nn.Module) -> Optional[Target]:
+    """Built-in adapter for :class:`flatopt.lora.LoRALinear`."""
+    from .lora import LoRALinear
+
+    if isinstance(module, LoRALinear):
+        return Target(module.base, "weight", module.low_rank)
+    return None
+
+
+BUILTIN: tuple[Adapter, ...] = (flatopt_lora,)
+
+
+def _named_modules(model: nn.Module | Iterable[nn.Module]) -> list[tuple[str, nn.Module]]:
+    if isinstance(model, nn.Module):
+        return list(model.named_modules())
+    named = []
+    for index, module in enumerate(model):
+        if not isinstance(module, nn.Module):
+            raise TypeError(
+                f"model must be an nn.Module or an iterable of nn.Module, but item {index} is "
+                f"{type(module).__name__}."
+            )
+        named += [
+            (f"{index}.{name}" if name else str(index), m) for name, m in module.named_modules()
+        ]
+    return named
+
+
+def _check(target: object, adapter: Adapter, name: str, module: nn.Module) -> Target:
+    if not isinstance(target, Target):
+        raise TypeError(
+            f"Adapter {getattr(adapter, '__name__', adapter)!r} returned "
+            f"{type(target).__name__} for module {name!r}; an adapter must return "
+            "flatopt.Target(...) or None."
+        )
+    weight = getattr(target.module, target.param_name, None)
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(
+            f"Adapter {getattr(adapter, '__name__', adapter)!r} targets "
+            f"{type(target.module).__name__}.{target.param_name} for module {name!r}, but that "
+            f"attribute is {type(weight).__name__}, not a tensor. Check param_name."
+        )
+    stored = (target.module._parameters, target.module._buffers, target.module.__dict__)
+    if not any(target.param_name in store for store in stored):
+        raise ValueError(
+            f"Module {name!r}: {type(target.module).__name__}.{target.param_name} is computed "
+            "(a property or parametrization), not stored on the module. Point param_name at the "
+            "stored tensor the forward reads, on the module that reads it."
+        )
+    if not weight.is_floating_point() or type(weight) not in (torch.Tensor, nn.Parameter):
+        raise ValueError(
+            f"Module {name!r}: {type(target.module).__name__}.{target.param_name} is a "
+            f"{type(weight).__name__} of dtype {weight.dtype}; flatopt can only perturb plain "
+            "floating-point weights. Exclude this layer or dequantize its base weight."
+        )
+    return target
+
+
+def find_targets(
+    model: nn.Module | Iterable[nn.Module], adapters: Iterable[Adapter] = ()
+) -> list[tuple[str, Target]]:
+    """Ask every module of ``model`` the adapters in turn; return ``(name, Target)`` pairs.
+
+    ``adapters`` are tried first, then the registered ones, then the built-ins. A weight that
+    two modules claim (tied weights) is kept once, under its first name.
+
+    Raises:
+        ValueError: no adapter recognised any module (the message lists the types seen).
+        TypeError: an adapter returned something other than a Target or None.
+
+    Example:
+        >>> from flatopt.lora import add_lora
+        >>> net = add_lora(torch.nn.Sequential(torch.nn.Linear(4, 4)), ["0"], rank=2)
+        >>> [(name, tuple(t.weight.shape)) for name, t in find_targets(net)]
+        [('0', (4, 4))]
+    """
+    chain = [*adapters, *_REGISTERED, *BUILTIN]
+    named = _named_modules(model)
+    found: list[tuple[str, Target]] = []
+    claimed: set[int] = set()
+    for name, module in named:
+        for adapter in chain:
+            target = adapter(module)
+            if target is None:
+                continue
+            target = _check(target, adapter, name, module)
+            if id(target.weight) not in claimed:
+                claimed.add(id(target.weight))
+                found.append((name, target))
+            break
+    if not found:
+        types = sorted({type(m).__name__ for _, m in named})
+        raise ValueError(
+            f"No adapter recognised a LoRA layer in the model; module types seen: {types}. "
+            "Add LoRA first (e.g. flatopt.lora.add_lora), or pass adapters=[...] / "
+            "flatopt.register_adapter(...) for your LoRA class."
+        )
+    return found
