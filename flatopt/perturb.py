@@ -240,9 +240,14 @@ class FlatPerturb(torch.optim.Optimizer):
             RuntimeError: the perturbation is already armed.
 
         Example:
-            >>> opt.perturb()  # doctest: +SKIP
-            >>> loss_fn(model(x)).backward()  # doctest: +SKIP
-            >>> opt.restore()  # doctest: +SKIP
+            >>> from flatopt.lora import add_lora
+            >>> net = add_lora(torch.nn.Sequential(torch.nn.Linear(4, 4)), ["0"], rank=2)
+            >>> opt = FlatPerturb(torch.optim.SGD(net[0].parameters(), lr=0.1), net,
+            ...                   schedule="constant", seed=0)
+            >>> opt.perturb()
+            >>> net(torch.ones(1, 4)).sum().backward()
+            >>> opt.restore()
+            >>> opt.step()
         """
         if self._armed is not None:
             raise RuntimeError(
@@ -281,8 +286,14 @@ class FlatPerturb(torch.optim.Optimizer):
         """Context manager form of :meth:`perturb` / :meth:`restore`; restores on exceptions.
 
         Example:
-            >>> with opt.perturbed():  # doctest: +SKIP
-            ...     loss_fn(model(x)).backward()
+            >>> from flatopt.lora import add_lora
+            >>> net = add_lora(torch.nn.Sequential(torch.nn.Linear(4, 4)), ["0"], rank=2)
+            >>> opt = FlatPerturb(torch.optim.SGD(net[0].parameters(), lr=0.1), net,
+            ...                   schedule="constant", seed=0)
+            >>> with opt.perturbed():
+            ...     net(torch.ones(1, 4)).sum().backward()
+            >>> opt.is_perturbed
+            False
         """
         self.perturb()
         try:
