@@ -88,7 +88,8 @@ def add_lora(
 
     A module matches when its qualified name, or the last part of it, is in ``target_names``
     (so ``["q", "v"]`` matches ``blocks.0.attn.q``). ``None`` adapts every ``nn.Linear``.
-    Every parameter that is not a LoRA factor gets ``requires_grad=False``.
+    Every parameter that is not a LoRA factor gets ``requires_grad=False``; layers that are
+    already :class:`LoRALinear` are left as they are, so calling it again adds layers only.
 
     Args:
         model: the model to modify in place.
@@ -113,21 +114,25 @@ def add_lora(
     if isinstance(target_names, str):
         target_names = [target_names]
     wanted = None if target_names is None else set(target_names)
+    existing = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    keep = {id(p) for m in existing for p in (m.lora_A, m.lora_B)}
     for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    chosen, adapted = [], []
+        if id(parameter) not in keep:  # LoRA factors added earlier stay trainable
+            parameter.requires_grad_(False)
+    chosen, adapted = [], False
+    inside = tuple(n + "." for n, m in model.named_modules() if isinstance(m, LoRALinear))
     for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            adapted.append(name + ".")
-        if not name or not _matches(name, wanted) or name.startswith(tuple(adapted)):
+        if not name or not _matches(name, wanted) or name.startswith(inside):
             continue
         if isinstance(module, nn.Linear):
             chosen.append(name)
-        elif wanted is not None and name in wanted and not isinstance(module, LoRALinear):
+        elif isinstance(module, LoRALinear):
+            adapted = True
+        elif wanted is not None and name in wanted:
             raise TypeError(
                 f"add_lora target {name!r} is a {type(module).__name__}, not an nn.Linear."
             )
-    if not chosen:
+    if not chosen and not adapted:
         linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         raise ValueError(
             f"add_lora found no nn.Linear named {sorted(wanted or [])}; linear layers in the "

@@ -1,0 +1,104 @@
+"""flatopt.sharpness: the expected loss increase under the noise law."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import assert_untouched, bits_equal, snapshot
+from torch import nn
+
+import flatopt
+from flatopt.lora import LoRALinear, add_lora
+
+
+def _regression(seed=0, out=4, fan_in=16, rows=256):
+    g = torch.Generator().manual_seed(seed)
+    model = add_lora(nn.Sequential(nn.Linear(fan_in, out, bias=False)), ["0"], rank=2)
+    layer = model[0]
+    with torch.no_grad():
+        layer.base.weight.copy_(torch.randn(out, fan_in, generator=g))
+        layer.lora_A.copy_(torch.randn(2, fan_in, generator=g))
+        layer.lora_B.copy_(torch.randn(out, 2, generator=g))
+    x = torch.randn(rows, fan_in, generator=g)
+    y = torch.randn(rows, out, generator=g)
+    return model, x, y
+
+
+def test_the_increase_matches_the_closed_form_for_a_linear_model():
+    # For y = (W' + ε)x and MSE, E[L(W'+ε)] − L(W') = mean_i,b σ²‖W'_i‖²‖x_b‖²/n exactly.
+    model, x, y = _regression()
+    sigma, samples = 0.2, 400
+    result = flatopt.sharpness(
+        model, lambda b: F.mse_loss(model(b[0]), b[1]), [(x, y)], sigma=sigma, samples=samples
+    )
+    merged = model[0].merged_weight().detach()
+    n = merged.shape[1]
+    expected = (sigma**2 * merged.square().sum(1).mean() * x.square().sum(1).mean() / n).item()
+    # The sample mean is within 4 standard errors of its expectation (fails ~1 in 16,000).
+    assert abs(result.mean - expected) < 4 * result.stderr
+    assert result.stderr == pytest.approx(result.std / math.sqrt(samples))
+    assert len(result.increases) == samples and result.sigma == sigma
+    torch.testing.assert_close(result.clean_loss, F.mse_loss(model(x), y).item())
+
+
+def test_zero_sigma_gives_zero_and_the_model_is_untouched():
+    model, x, y = _regression()
+    before = snapshot(model)
+    result = flatopt.sharpness(
+        model, lambda b: F.mse_loss(model(b[0]), b[1]), [(x, y)], sigma=0.0, samples=3
+    )
+    assert result.increases == (0.0, 0.0, 0.0) and result.mean == 0.0
+    assert_untouched(model, before)
+
+
+def test_it_is_deterministic_in_its_seed_and_leaves_modes_and_rng_alone():
+    model, x, y = _regression()
+    model.train()
+    model[0].dropout.train()
+    state = torch.get_rng_state()
+
+    def loss(batch):
+        return F.mse_loss(model(batch[0]), batch[1])
+
+    a = flatopt.sharpness(model, loss, [(x, y)], sigma=0.1, samples=4, seed=1)
+    b = flatopt.sharpness(model, loss, [(x, y)], sigma=0.1, samples=4, seed=1)
+    c = flatopt.sharpness(model, loss, [(x, y)], sigma=0.1, samples=4, seed=2)
+    assert a == b and a != c
+    assert model.training and all(m.training for m in model.modules())
+    assert bits_equal(state, torch.get_rng_state())
+    assert "σ=0.1, n=4" in str(a)
+
+
+def test_a_sharper_model_measures_sharper():
+    # Scaling the inputs by 3 scales the noise's effect on the output by 3, the increase by 9.
+    model, x, y = _regression()
+
+    def loss(scale):
+        return lambda b: F.mse_loss(model(scale * b[0]), scale * b[1])
+
+    flat = flatopt.sharpness(model, loss(1.0), [(x, y)], sigma=0.1, samples=6)
+    sharp = flatopt.sharpness(model, loss(3.0), [(x, y)], sigma=0.1, samples=6)
+    torch.testing.assert_close(sharp.mean, 9 * flat.mean, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"sigma": -1.0}, ValueError, r"Invalid sigma: -1\.0"),
+        ({"samples": 0}, ValueError, r"Invalid samples: 0"),
+        ({"batches": []}, ValueError, "batches is empty"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    model, x, y = _regression()
+    arguments = {"batches": [(x, y)], **kwargs}
+    with pytest.raises(error, match=match):
+        flatopt.sharpness(model, lambda b: F.mse_loss(model(b[0]), b[1]), **arguments)
+
+
+def test_it_finds_targets_like_flatperturb():
+    plain = nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="No adapter recognised"):
+        flatopt.sharpness(plain, lambda b: plain(b).sum(), [torch.ones(1, 3)])
+    assert isinstance(add_lora(nn.Sequential(nn.Linear(3, 3)), None)[0], LoRALinear)
