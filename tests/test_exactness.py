@@ -142,17 +142,28 @@ def test_an_exception_leaves_nothing_perturbed(where):
     assert_untouched(model, before, frozen_names(model))
 
 
-def test_perturbed_weight_is_freed_after_forward():
-    model, x, _ = build("lora", torch.float32, 64, 48, 4, seed=0)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch_dims", [(), (2, 3)])
+def test_perturbed_weight_is_freed_after_forward(kind, dtype, batch_dims):
+    model, x, adapters = build(kind, dtype, 16, 12, 4, seed=0)
+    if kind != "conv":
+        x = x.expand(*batch_dims, *x.shape).clone()
+    x.requires_grad_(True)  # so that autograd must save every target's weight for backward
+    opt = _wrap(model, adapters, sigma=0.1, seed=0)
     seen = []
-    # Layer 2's input requires grad, so autograd does save its weight for backward.
-    model[2].base.register_forward_hook(lambda m, a, o: seen.append(weakref.ref(m.weight)))
-    opt = _wrap(model, [], sigma=0.1, seed=0)
+    for site in opt._sites:
+        name = site.target.param_name
+        site.target.module.register_forward_hook(
+            lambda m, a, o, name=name: seen.append(weakref.ref(getattr(m, name)))
+        )
     with opt.perturbed():
         output = model(x)
-        assert isinstance(seen[0](), type(None)), "autograd kept W + eps alive"
-        output.sum().backward()
+        assert len(seen) == len(opt.targets)
+        assert all(ref() is None for ref in seen), "autograd kept W + eps alive"
+        output.float().sum().backward()
     assert all(p.grad is not None for p in opt.param_groups[0]["params"])
+    assert x.grad is not None
 
 
 def test_trainable_dense_weight_is_freed_and_never_written():
