@@ -1,4 +1,4 @@
-"""How a layer's forward sees W + ε while W itself is never written (DESIGN §3).
+"""How a layer's forward sees W + ε while W itself is never written.
 
 While armed, a forward pre-hook swaps the tensor the module reads for a fresh W + ε, and the
 forward hook swaps W back. Whatever autograd saves of W + ε is packed into a small token and
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .adapters import Target
 from .noise import noise_std, perturbed_weight, row_dim
 
-__all__ = ["Armed", "Generators", "Site"]
+__all__ = ["Armed", "Generators", "Site", "build_sites"]
 
 _top_saved_tensors_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
 
@@ -38,15 +38,17 @@ def _write(module: nn.Module, name: str, value: Tensor) -> None:
 
 
 class Site:
-    """A target's lasting facts: its name, index, layout and a cache of its base row norms."""
+    """One perturbed weight: its name, index, layout, the targets that read it (several for
+    tied weights, all seeing the same ε) and a cache of its base row norms."""
 
-    def __init__(self, index: int, name: str, target: Target):
+    def __init__(self, index: int, name: str, targets: Sequence[Target]):
         self.index = index
         self.name = name
-        self.target = target
-        weight = target.weight
+        self.target = targets[0]
+        self.readers = tuple(targets)
+        weight = self.target.weight
         self.shape = tuple(weight.shape)
-        rows = weight.shape[row_dim(weight, target.transposed)]
+        rows = weight.shape[row_dim(weight, self.target.transposed)]
         self.logical_shape = (rows, weight.numel() // max(rows, 1))
         self._base_key: Optional[tuple[int, int]] = None
         self._base_sq: Optional[Tensor] = None
@@ -54,7 +56,8 @@ class Site:
     def std(self, sigma: float) -> Tensor:
         """The per-row noise std σ·‖W'_i‖/√n at the weights' current values."""
         target, weight = self.target, self.target.weight
-        delta = target.delta() if target.delta is not None else None
+        with torch.no_grad():
+            delta = target.delta() if target.delta is not None else None
         base_sq = None
         if not isinstance(delta, Tensor):
             # ‖W_i‖² is reused while W is unchanged: frozen base weights never pay it twice.
@@ -68,6 +71,24 @@ class Site:
                 self._base_key = key
             base_sq = self._base_sq
         return noise_std(weight, delta, sigma, transposed=target.transposed, base_sq=base_sq)
+
+
+def build_sites(found: Sequence[tuple[str, Target]]) -> list[Site]:
+    """Group the adapters' targets by the weight they read: one site per distinct weight."""
+    groups: dict[int, list[tuple[str, Target]]] = {}
+    for name, target in found:
+        groups.setdefault(id(target.weight), []).append((name, target))
+    sites = []
+    for index, group in enumerate(groups.values()):
+        (name, first), *tied = group
+        for other_name, other in tied:
+            if other.transposed != first.transposed:
+                raise ValueError(
+                    f"Modules {name!r} and {other_name!r} share one weight but their adapters "
+                    "disagree on transposed=; a tied weight needs one layout for its rows."
+                )
+        sites.append(Site(index, name, [target for _, target in group]))
+    return sites
 
 
 class _Token(NamedTuple):
@@ -88,21 +109,17 @@ class _Outer(NamedTuple):
 
 
 class _Noise:
-    """One target's noise for one arming: its std, seed and generator."""
+    """One weight's noise for one arming: its std, seed, generator and layout."""
 
-    def __init__(self, target: Target, std: Tensor, seed: int, generator: torch.Generator):
-        self.target = target
+    def __init__(self, std: Tensor, seed: int, generator: torch.Generator, transposed: bool):
         self.std = std
         self.seed = seed
         self.generator = generator
+        self.transposed = transposed
 
     def apply(self, weight: Tensor) -> Tensor:
         return perturbed_weight(
-            weight,
-            self.std,
-            transposed=self.target.transposed,
-            generator=self.generator,
-            seed=self.seed,
+            weight, self.std, transposed=self.transposed, generator=self.generator, seed=self.seed
         )
 
 
@@ -121,12 +138,13 @@ class _PerturbedWeight(torch.autograd.Function):
 class _Swap:
     """The forward hooks of one armed target."""
 
-    def __init__(self, noise: _Noise):
+    def __init__(self, target: Target, noise: _Noise):
+        self.target = target
         self.noise = noise
         self.stack: list[tuple[Tensor, Any]] = []
 
     def pre(self, module: nn.Module, args: Any) -> None:
-        name = self.noise.target.param_name
+        name = self.target.param_name
         weight = _read(module, name)
         if weight.requires_grad and torch.is_grad_enabled():
             perturbed = _PerturbedWeight.apply(weight, self.noise)
@@ -140,14 +158,14 @@ class _Swap:
     def post(self, module: nn.Module, args: Any, output: Any) -> None:
         weight, hooks = self.stack.pop()
         hooks.__exit__(None, None, None)
-        _write(module, self.noise.target.param_name, weight)
+        _write(module, self.target.param_name, weight)
 
     def unwind(self) -> None:
         """Undo swaps that a failed forward left behind (its forward hook did not run)."""
         while self.stack:
             weight, hooks = self.stack.pop()
             hooks.__exit__(None, None, None)
-            _write(self.noise.target.module, self.noise.target.param_name, weight)
+            _write(self.target.module, self.target.param_name, weight)
 
     def _packer(self, weight: Tensor, perturbed: Tensor) -> Callable[[Tensor], Any]:
         # Only plain facts about W + ε are captured: holding the tensor would keep it alive.
@@ -180,7 +198,7 @@ def _unpack(packed: Any) -> Tensor:
 
 
 class Armed:
-    """The live perturbation of a set of sites; :meth:`disarm` removes every trace of it."""
+    """The live perturbation of a set of sites; `disarm` removes every trace of it."""
 
     def __init__(
         self,
@@ -193,13 +211,14 @@ class Armed:
         self._handles: list[Any] = []
         try:
             for site, std, seed in zip(sites, stds, seeds):
-                target = site.target
-                swap = _Swap(_Noise(target, std, seed, generator(target.weight.device)))
-                self._handles.append(target.module.register_forward_pre_hook(swap.pre))
-                self._handles.append(
-                    target.module.register_forward_hook(swap.post, always_call=True)
-                )
-                self._swaps.append(swap)
+                weight = site.target.weight
+                noise = _Noise(std, seed, generator(weight.device), site.target.transposed)
+                for target in site.readers:
+                    swap = _Swap(target, noise)
+                    module = target.module
+                    self._handles.append(module.register_forward_pre_hook(swap.pre))
+                    self._handles.append(module.register_forward_hook(swap.post, always_call=True))
+                    self._swaps.append(swap)
         except BaseException:
             self.disarm()
             raise

@@ -1,7 +1,7 @@
 """The adapter protocol: how flatopt finds the weights to perturb in any LoRA implementation.
 
 An adapter is any callable ``adapter(module) -> Target | None``. It is asked about every
-module of the model; the first adapter that returns a :class:`Target` claims that module.
+module of the model; the first adapter that returns a `Target` claims that module.
 Adapters recognise classes by duck typing, so no LoRA library is imported here.
 """
 
@@ -16,7 +16,13 @@ from torch import nn
 
 from .noise import Delta
 
-__all__ = ["Adapter", "Target", "find_targets", "register_adapter"]
+__all__ = [
+    "Adapter",
+    "Target",
+    "find_targets",
+    "register_adapter",
+    "unregister_adapter",
+]
 
 
 @dataclass(frozen=True)
@@ -28,7 +34,7 @@ class Target:
             is called as ``module(...)``.
         param_name: the attribute the forward reads, ``getattr(module, param_name)``.
         delta: a zero-argument callable returning ΔW: a tensor in the weight's storage layout,
-            a :class:`~flatopt.LowRank` (or a list of them, one per active adapter), or None.
+            a `LowRank` (or a list of them, one per active adapter), or None.
             ``None`` instead of a callable means ΔW = 0.
         transposed: the weight is stored as ``(fan_in, out)``, e.g. GPT-2's ``Conv1D``.
 
@@ -55,7 +61,7 @@ _REGISTERED: list[Adapter] = []
 
 
 def register_adapter(adapter: Adapter) -> Adapter:
-    """Add an adapter for every future :class:`~flatopt.FlatPerturb`, tried before the built-ins.
+    """Add an adapter for every future `FlatPerturb`, tried before the built-ins.
 
     Returns the adapter, so it can be used as a decorator.
 
@@ -66,7 +72,7 @@ def register_adapter(adapter: Adapter) -> Adapter:
         >>> @register_adapter
         ... def my_lora(module):
         ...     return None  # return a Target for your LoRA class
-        >>> _REGISTERED.remove(my_lora)
+        >>> unregister_adapter(my_lora)
     """
     if not callable(adapter):
         raise TypeError(
@@ -77,8 +83,18 @@ def register_adapter(adapter: Adapter) -> Adapter:
     return adapter
 
 
+def unregister_adapter(adapter: Adapter) -> None:
+    """Remove an adapter added by `register_adapter`; unknown adapters are ignored.
+
+    Example:
+        >>> unregister_adapter(print)
+    """
+    if adapter in _REGISTERED:
+        _REGISTERED.remove(adapter)
+
+
 def flatopt_lora(module: nn.Module) -> Optional[Target]:
-    """Built-in adapter for :class:`flatopt.lora.LoRALinear`."""
+    """Built-in adapter for `flatopt.lora.LoRALinear`."""
     from .lora import LoRALinear
 
     if isinstance(module, LoRALinear):
@@ -141,7 +157,7 @@ def find_targets(
     """Ask every module of ``model`` the adapters in turn; return ``(name, Target)`` pairs.
 
     ``adapters`` are tried first, then the registered ones, then the built-ins. A weight that
-    two modules claim (tied weights) is kept once, under its first name.
+    several modules read (tied weights) appears once per module; FlatPerturb gives it one ε.
 
     Raises:
         ValueError: no adapter recognised any module (the message lists the types seen).
@@ -156,17 +172,12 @@ def find_targets(
     chain = [*adapters, *_REGISTERED, *BUILTIN]
     named = _named_modules(model)
     found: list[tuple[str, Target]] = []
-    claimed: set[int] = set()
     for name, module in named:
         for adapter in chain:
             target = adapter(module)
-            if target is None:
-                continue
-            target = _check(target, adapter, name, module)
-            if id(target.weight) not in claimed:
-                claimed.add(id(target.weight))
-                found.append((name, target))
-            break
+            if target is not None:
+                found.append((name, _check(target, adapter, name, module)))
+                break
     if not found:
         types = sorted({type(m).__name__ for _, m in named})
         raise ValueError(

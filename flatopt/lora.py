@@ -84,12 +84,12 @@ def add_lora(
     alpha: float = 16,
     dropout: float = 0.0,
 ) -> nn.Module:
-    """Replace the named ``nn.Linear`` modules by :class:`LoRALinear` and freeze the rest.
+    """Replace the named ``nn.Linear`` modules by `LoRALinear` and freeze the rest.
 
     A module matches when its qualified name, or the last part of it, is in ``target_names``
     (so ``["q", "v"]`` matches ``blocks.0.attn.q``). ``None`` adapts every ``nn.Linear``.
     Every parameter that is not a LoRA factor gets ``requires_grad=False``; layers that are
-    already :class:`LoRALinear` are left as they are, so calling it again adds layers only.
+    already `LoRALinear` are left as they are, so calling it again adds layers only.
 
     Args:
         model: the model to modify in place.

@@ -7,7 +7,7 @@ For a weight W' = W + ΔW read as an ``m × n`` matrix (rows are output features
     ε_ij = σ_t · ‖W'_i,:‖₂ / √n · z_ij,    z_ij ~ N(0, 1) i.i.d.,
 
 with σ_t = σ · f(t) and f the schedule. ``z`` comes from a private ``torch.Generator`` seeded
-by :func:`derive_seed`, so the same ε can be regenerated bit for bit whenever it is needed.
+by `derive_seed`, so the same ε can be regenerated bit for bit whenever it is needed.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class LowRank:
     """A low-rank update ΔW = ``scale · B @ A`` in the logical ``(out, fan_in)`` layout.
 
     Adapters return this from ``Target.delta`` so the row norms of W + ΔW can be computed
-    without ever materialising ``B @ A`` (DESIGN §4).
+    without ever materialising ``B @ A``.
 
     Args:
         B: ``(out_features, r)``; extra trailing dims are flattened.
@@ -166,13 +166,13 @@ def row_norms(
 ) -> Tensor:
     """Return ‖W'_i,:‖₂ per logical row of W' = W + ΔW, in fp32 (fp64 for fp64 weights).
 
-    A :class:`LowRank` delta (or a list of them) uses the identity
+    A `LowRank` delta (or a list of them) uses the identity
     ‖W_i + s·B_i·A‖² = ‖W_i‖² + 2s·B_i·(W·Aᵀ)_i + s²·B_i·(A·Aᵀ)·B_iᵀ, which costs
     O(m·n·r) and never builds ``B @ A``. A tensor delta is in the weight's storage layout.
 
     Args:
         weight: the base weight in its storage layout.
-        delta: None, a tensor like ``weight``, a :class:`LowRank` or a sequence of them.
+        delta: None, a tensor like ``weight``, a `LowRank` or a sequence of them.
         transposed: the weight is stored as ``(fan_in, out)``.
         base_sq: optional cached ‖W_i‖², to skip the pass over W.
 
@@ -273,7 +273,7 @@ def draw_noise(
 ) -> Tensor:
     """Return ε itself, in fp32 (fp64 for fp64 weights): the slow, explicit form of the law.
 
-    It uses the same ``z`` as :func:`perturbed_weight`; tests and references use it to build
+    It uses the same ``z`` as `perturbed_weight`; tests and references use it to build
     W + ε by hand.
 
     Example:

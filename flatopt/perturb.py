@@ -1,7 +1,7 @@
 """``FlatPerturb``: Flat-LoRA's random weight perturbation as a wrapper around any optimizer.
 
 The wrapper only holds state (seed, step count, targets); the noise law lives in
-:mod:`flatopt.noise` and the mechanics of the swap in :mod:`flatopt._arming`.
+`flatopt.noise` and the mechanics of the swap in `flatopt._arming`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ._arming import Armed, Generators, Site
+from ._arming import Armed, Generators, Site, build_sites
 from .adapters import Adapter, find_targets
 from .noise import SCHEDULES, Schedule, derive_seed, schedule_factor
 
@@ -32,7 +32,7 @@ def _rank() -> int:
     return 0
 
 
-def _check_sigma(sigma: Any) -> float:
+def check_sigma(sigma: Any) -> float:
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
         raise TypeError(f"Invalid sigma: {sigma!r}. sigma must be a number, e.g. sigma=0.05.")
     if not math.isfinite(sigma) or sigma < 0:
@@ -69,8 +69,8 @@ class FlatPerturb(torch.optim.Optimizer):
     """Wrap ``optimizer`` so each step trains on the loss at a random perturbation W' + ε.
 
     For every LoRA layer found in ``model`` the forward sees W + ε with
-    ε_ij = σ_t·‖W'_i,:‖/√n·z_ij, where W' is the merged weight (DESIGN §2). W is never written:
-    after :meth:`restore` every parameter and buffer is bitwise what it was.
+    ε_ij = σ_t·‖W'_i,:‖/√n·z_ij, where W' is the merged weight. W is never written:
+    after `restore` every parameter and buffer is bitwise what it was.
 
     The wrapper is a ``torch.optim.Optimizer`` whose ``param_groups``, ``state`` and
     ``defaults`` are the wrapped optimizer's, so LR schedulers and GradScaler work on it.
@@ -85,7 +85,7 @@ class FlatPerturb(torch.optim.Optimizer):
         seed: the root of every noise seed; None draws one from torch's default generator now.
         adapters: extra adapters ``module -> Target | None``, tried before the built-in ones.
         resample: ``"step"`` keeps one ε per optimizer step (every micro-batch between two
-            ``step()`` calls sees it); ``"call"`` draws fresh noise at every :meth:`perturb`.
+            ``step()`` calls sees it); ``"call"`` draws fresh noise at every `perturb`.
         rank_noise: under ``torch.distributed``, each rank draws its own noise.
 
     Raises:
@@ -128,7 +128,7 @@ class FlatPerturb(torch.optim.Optimizer):
                 f"model must be an nn.Module or an iterable of nn.Module, got "
                 f"{type(model).__name__}."
             )
-        self._sigma = _check_sigma(sigma)
+        self._sigma = check_sigma(sigma)
         _check_schedule(schedule, total_steps)
         if resample not in _RESAMPLE:
             raise ValueError(
@@ -160,8 +160,7 @@ class FlatPerturb(torch.optim.Optimizer):
         self._rank_noise = rank_noise
         self._step = 0  # completed optimizer steps: the schedule's t
         self._draw = 0  # perturb() calls in this step, for resample="call"
-        found = find_targets(model, adapters)
-        self._sites = [Site(i, name, target) for i, (name, target) in enumerate(found)]
+        self._sites = build_sites(find_targets(model, adapters))
         self._generators = Generators()
         self._armed: Optional[Armed] = None
         self._stds: Optional[tuple[int, list[Tensor]]] = None  # (step, per-site std)
@@ -215,7 +214,7 @@ class FlatPerturb(torch.optim.Optimizer):
 
     @property
     def is_perturbed(self) -> bool:
-        """True between :meth:`perturb` and :meth:`restore`."""
+        """True between `perturb` and `restore`."""
         return self._armed is not None
 
     @property
@@ -231,10 +230,10 @@ class FlatPerturb(torch.optim.Optimizer):
     # -- perturb / restore ------------------------------------------------------------------
 
     def perturb(self) -> None:
-        """Arm the noise: until :meth:`restore`, each target's forward sees W + ε.
+        """Arm the noise: until `restore`, each target's forward sees W + ε.
 
         Nothing is written: the forward reads a transient W + ε, and backward regenerates it
-        from the seed. Call ``backward()`` before :meth:`restore`.
+        from the seed. Call ``backward()`` before `restore`.
 
         Raises:
             RuntimeError: the perturbation is already armed.
@@ -268,7 +267,7 @@ class FlatPerturb(torch.optim.Optimizer):
         self._draw += 1
 
     def restore(self) -> None:
-        """Disarm the noise. Every parameter and buffer is bitwise as before :meth:`perturb`.
+        """Disarm the noise. Every parameter and buffer is bitwise as before `perturb`.
 
         Raises:
             RuntimeError: nothing is armed.
@@ -283,7 +282,7 @@ class FlatPerturb(torch.optim.Optimizer):
 
     @contextmanager
     def perturbed(self) -> Iterator[FlatPerturb]:
-        """Context manager form of :meth:`perturb` / :meth:`restore`; restores on exceptions.
+        """Context manager form of `perturb` / `restore`; restores on exceptions.
 
         Example:
             >>> from flatopt.lora import add_lora
@@ -314,7 +313,7 @@ class FlatPerturb(torch.optim.Optimizer):
             The closure's loss, or None.
 
         Raises:
-            RuntimeError: the perturbation is still armed (call :meth:`restore` first).
+            RuntimeError: the perturbation is still armed (call `restore` first).
         """
         if self._armed is not None:
             raise RuntimeError(
@@ -362,7 +361,7 @@ class FlatPerturb(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict`; the checkpoint's noise settings replace the current ones.
+        """Load a `state_dict`; the checkpoint's noise settings replace the current ones.
 
         A state dict written by the bare wrapped optimizer (no ``"flatopt"`` entry) loads the
         optimizer state only, keeps flatopt's seed and step count, and warns.

@@ -11,16 +11,17 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
-from ._arming import Armed, Generators, Site
+from ._arming import Armed, Generators, build_sites
 from .adapters import Adapter, find_targets
 from .noise import derive_seed
+from .perturb import check_sigma
 
 __all__ = ["Sharpness", "sharpness"]
 
 
 @dataclass(frozen=True)
 class Sharpness:
-    """The result of :func:`sharpness`.
+    """The result of `sharpness`.
 
     Attributes:
         mean: E_ε[L(W' + ε)] − L(W'), averaged over the noise samples.
@@ -76,10 +77,11 @@ def sharpness(
         eval_mode: measure with the model in eval mode (no dropout); its modes are put back.
 
     Returns:
-        A :class:`Sharpness` with the mean increase, its spread and the clean loss.
+        The mean increase, its spread and the clean loss, as a `Sharpness`.
 
     Raises:
-        ValueError: bad ``sigma`` or ``samples``, no batches, or no target in the model.
+        ValueError: a negative ``sigma``, bad ``samples``, no batches, or no target in the model.
+        TypeError: a non-numeric ``sigma``.
 
     Example:
         >>> from flatopt.lora import add_lora
@@ -90,18 +92,13 @@ def sharpness(
         >>> result.mean >= -1.0
         True
     """
-    if (
-        isinstance(sigma, bool)
-        or not isinstance(sigma, (int, float))
-        or not (math.isfinite(sigma) and sigma >= 0)
-    ):
-        raise ValueError(f"Invalid sigma: {sigma!r}. Pass a finite number >= 0, e.g. 0.05.")
+    sigma = check_sigma(sigma)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"Invalid samples: {samples!r}. Pass a positive int, e.g. samples=8.")
     batches = list(batches)
     if not batches:
         raise ValueError("batches is empty; pass at least one batch to evaluate the loss on.")
-    sites = [Site(i, name, t) for i, (name, t) in enumerate(find_targets(model, adapters))]
+    sites = build_sites(find_targets(model, adapters))
     modules = [model] if isinstance(model, nn.Module) else list(model)
     modes = [(m, m.training) for root in modules for m in root.modules()]
     try:
@@ -109,7 +106,7 @@ def sharpness(
             for root in modules:
                 root.eval()
         clean = _mean_loss(loss_fn, batches)
-        stds = [site.std(float(sigma)) for site in sites]
+        stds = [site.std(sigma) for site in sites]
         generators = Generators()
         increases = []
         for draw in range(samples):
@@ -129,5 +126,5 @@ def sharpness(
         stderr=std / math.sqrt(samples),
         clean_loss=clean,
         increases=tuple(increases),
-        sigma=float(sigma),
+        sigma=sigma,
     )

@@ -331,16 +331,29 @@ def test_register_adapter_is_global_and_validated():
         opt = flatopt.FlatPerturb(torch.optim.SGD(layer.parameters(), lr=0.1), layer, total_steps=3)
         assert opt.targets == [("", (3, 3))]
     finally:
-        from flatopt.adapters import _REGISTERED
-
-        _REGISTERED.remove(adapter)
+        flatopt.adapters.unregister_adapter(adapter)
     with pytest.raises(TypeError, match="expects a callable"):
         flatopt.register_adapter("peft")
 
 
-def test_tied_weights_are_perturbed_once():
-    model, _, _, _ = _setup()
-    shared = model[0]
-    tied = nn.Sequential(shared, nn.Tanh(), shared)
-    opt = flatopt.FlatPerturb(_inner(tied), tied, total_steps=3)
-    assert opt.targets == [("0", (8, 6))]
+def test_a_weight_read_by_two_modules_gets_one_noise_in_both():
+    torch.manual_seed(0)
+    first = nn.Linear(6, 6)
+    second = nn.Linear(6, 6)
+    second.weight = first.weight  # tied
+    model = nn.Sequential(first, second)
+    opt = flatopt.FlatPerturb(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        model,
+        schedule="constant",
+        seed=0,
+        adapters=[lambda m: flatopt.Target(m, "weight") if isinstance(m, nn.Linear) else None],
+    )
+    assert opt.targets == [("0", (6, 6))]
+    seen = {}
+    for name, layer in (("first", first), ("second", second)):
+        layer.register_forward_hook(lambda m, a, o, name=name: seen.update({name: m.weight + 0}))
+    with opt.perturbed():
+        model(torch.randn(2, 6)).sum().backward()
+    assert not torch.equal(seen["first"], first.weight)
+    assert bits_equal(seen["first"], seen["second"])
