@@ -86,6 +86,7 @@ def test_a_sharper_model_measures_sharper():
     ("kwargs", "error", "match"),
     [
         ({"sigma": -1.0}, ValueError, r"Invalid sigma: -1\.0"),
+        ({"sigma": "0.1"}, TypeError, r"Invalid sigma: '0\.1'"),
         ({"samples": 0}, ValueError, r"Invalid samples: 0"),
         ({"batches": []}, ValueError, "batches is empty"),
     ],
