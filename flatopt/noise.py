@@ -102,8 +102,11 @@ def schedule_factor(schedule: Schedule, step: int, total_steps: int | None) -> f
         raise ValueError(
             f"Unknown schedule {schedule!r}; use one of {SCHEDULES} or a callable step -> factor."
         )
-    if total_steps is None:
-        raise ValueError(f"schedule={schedule!r} needs total_steps (the length of the ramp).")
+    if total_steps is None or total_steps < 1:
+        raise ValueError(
+            f"schedule={schedule!r} needs total_steps >= 1 (the length of the ramp), got "
+            f"{total_steps!r}."
+        )
     progress = min(step, total_steps) / total_steps
     if schedule == "linear":
         return progress
