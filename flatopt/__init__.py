@@ -1,7 +1,8 @@
 """flatopt: exact, seed-only Flat-LoRA for any torch optimizer and any LoRA implementation.
 
 Example:
-    >>> import torch, flatopt
+    >>> import torch
+    >>> import flatopt
     >>> from flatopt.lora import add_lora
     >>> net = add_lora(torch.nn.Sequential(torch.nn.Linear(8, 8)), ["0"], rank=2)
     >>> inner = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad])
@@ -11,7 +12,7 @@ Example:
 """
 
 from . import lora, noise
-from .adapters import Target, register_adapter
+from .adapters import Target, dense, register_adapter
 from .noise import LowRank
 from .perturb import FlatPerturb
 from .sharpness import Sharpness, sharpness
@@ -21,6 +22,7 @@ __all__ = [
     "LowRank",
     "Sharpness",
     "Target",
+    "dense",
     "lora",
     "noise",
     "register_adapter",

@@ -19,6 +19,7 @@ from .noise import Delta
 __all__ = [
     "Adapter",
     "Target",
+    "dense",
     "find_targets",
     "register_adapter",
     "unregister_adapter",
@@ -103,6 +104,66 @@ def flatopt_lora(module: nn.Module) -> Optional[Target]:
 
 
 BUILTIN: tuple[Adapter, ...] = (flatopt_lora,)
+
+
+def dense(*modules: nn.Module, param_name: str = "weight") -> Adapter:
+    """Perturb full-rank modules too (a new head, an embedding), with ΔW = 0.
+
+    Flat-LoRA as published perturbs only the LoRA layers; a freshly trained full-rank layer
+    next to them then trains without weight noise. Passing ``adapters=[flatopt.dense(head)]``
+    makes its forward see W + ε with ε_ij = σ_t·‖W_i‖/√fan_in·z_ij. When W is trainable, the
+    gradient reaching it is the one at W + ε, as the objective E[L(W + ε)] asks; flatopt still
+    never writes W.
+
+    Rows are output features: an ``nn.Linear`` or conv weight's first dim, and for an
+    ``nn.Embedding`` (weight ``(num_embeddings, dim)``, read as the linear map from a one-hot
+    token) the embedding dims, so fan_in is ``num_embeddings`` and it is stored transposed.
+
+    Args:
+        *modules: the modules whose weight to perturb.
+        param_name: the attribute their forward reads.
+
+    Returns:
+        An adapter for ``FlatPerturb(adapters=[...])`` or `sharpness(adapters=[...])`.
+
+    Raises:
+        TypeError: an argument is not an ``nn.Module``.
+        ValueError: no module given, or a module's weight has fewer than 2 dims (biases and
+            norm layers are never perturbed).
+
+    Example:
+        >>> from flatopt import FlatPerturb
+        >>> from flatopt.lora import add_lora
+        >>> net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+        >>> net = add_lora(net, ["0"])
+        >>> net[1].requires_grad_(True)  # a new, fully trained head
+        Linear(in_features=8, out_features=2, bias=True)
+        >>> inner = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad])
+        >>> opt = FlatPerturb(inner, net, total_steps=10, adapters=[dense(net[1])])
+        >>> opt.targets
+        [('0', (8, 8)), ('1', (2, 8))]
+    """
+    if not modules:
+        raise ValueError("dense() needs at least one module, e.g. flatopt.dense(model.head).")
+    for module in modules:
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"dense() takes nn.Module arguments, got {type(module).__name__}.")
+        weight = getattr(module, param_name, None)
+        if isinstance(weight, torch.Tensor) and weight.ndim < 2:
+            raise ValueError(
+                f"dense({type(module).__name__}): its {param_name!r} has shape "
+                f"{tuple(weight.shape)}; biases and norm layers are never perturbed. Pass "
+                "linear, conv or embedding modules."
+            )
+    chosen = {id(module) for module in modules}
+
+    def adapter(module: nn.Module) -> Optional[Target]:
+        if id(module) not in chosen:
+            return None
+        return Target(module, param_name, None, transposed=isinstance(module, nn.Embedding))
+
+    adapter.__name__ = f"dense({', '.join(type(m).__name__ for m in modules)})"
+    return adapter
 
 
 def _named_modules(model: nn.Module | Iterable[nn.Module]) -> list[tuple[str, nn.Module]]:
