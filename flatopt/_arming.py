@@ -8,6 +8,7 @@ from the forward to the backward.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Optional
 
@@ -46,6 +47,8 @@ class Site:
         self.name = name
         self.target = targets[0]
         self.readers = tuple(targets)
+        for target in self.readers:
+            _slot(target.module)
         weight = self.target.weight
         self.shape = tuple(weight.shape)
         rows = weight.shape[row_dim(weight, self.target.transposed)]
@@ -136,14 +139,15 @@ class _PerturbedWeight(torch.autograd.Function):
 
 
 class _Swap:
-    """The forward hooks of one armed target."""
+    """One armed target: swaps W + ε in for the length of each call of its module."""
 
     def __init__(self, target: Target, noise: _Noise):
         self.target = target
         self.noise = noise
+        self.calls = 0
         self.stack: list[tuple[Tensor, Any]] = []
 
-    def pre(self, module: nn.Module, args: Any) -> None:
+    def pre(self, module: nn.Module) -> None:
         name = self.target.param_name
         weight = _read(module, name)
         if weight.requires_grad and torch.is_grad_enabled():
@@ -154,8 +158,9 @@ class _Swap:
         _write(module, name, perturbed)
         hooks.__enter__()
         self.stack.append((weight, hooks))
+        self.calls += 1
 
-    def post(self, module: nn.Module, args: Any, output: Any) -> None:
+    def post(self, module: nn.Module) -> None:
         weight, hooks = self.stack.pop()
         hooks.__exit__(None, None, None)
         _write(module, self.target.param_name, weight)
@@ -197,6 +202,42 @@ def _unpack(packed: Any) -> Tensor:
     return packed
 
 
+def _not_compiled(fn: Callable[..., None]) -> Callable[..., None]:
+    # torch.compile must run these hooks eagerly: they draw noise and enter saved-tensor hooks.
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(fn) if disable is not None else fn
+
+
+class _Slot:
+    """flatopt's two forward hooks on one module. They are installed once, when a target is
+    first found, so that a ``torch.compile``'d model sees them; they do nothing unless armed."""
+
+    def __init__(self) -> None:
+        self.swaps: dict[str, _Swap] = {}
+        self.pre = _not_compiled(self._pre)
+        self.post = _not_compiled(self._post)
+
+    def _pre(self, module: nn.Module, args: Any) -> None:
+        for swap in self.swaps.values():
+            swap.pre(module)
+
+    def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+        for swap in reversed(list(self.swaps.values())):
+            swap.post(module)
+
+
+_SLOTS: weakref.WeakKeyDictionary[nn.Module, _Slot] = weakref.WeakKeyDictionary()
+
+
+def _slot(module: nn.Module) -> _Slot:
+    slot = _SLOTS.get(module)
+    if slot is None:
+        slot = _SLOTS[module] = _Slot()
+        module.register_forward_pre_hook(slot.pre)
+        module.register_forward_hook(slot.post, always_call=True)
+    return slot
+
+
 class Armed:
     """The live perturbation of a set of sites; `disarm` removes every trace of it."""
 
@@ -207,28 +248,35 @@ class Armed:
         seeds: Sequence[int],
         generator: Callable[[torch.device], torch.Generator],
     ):
-        self._swaps: list[_Swap] = []
-        self._handles: list[Any] = []
+        self._swaps: list[tuple[_Slot, str, _Swap]] = []
         try:
             for site, std, seed in zip(sites, stds, seeds):
                 weight = site.target.weight
                 noise = _Noise(std, seed, generator(weight.device), site.target.transposed)
                 for target in site.readers:
-                    swap = _Swap(target, noise)
-                    module = target.module
-                    self._handles.append(module.register_forward_pre_hook(swap.pre))
-                    self._handles.append(module.register_forward_hook(swap.post, always_call=True))
-                    self._swaps.append(swap)
+                    slot, name = _slot(target.module), target.param_name
+                    if name in slot.swaps:
+                        raise RuntimeError(
+                            f"{site.name!r} is already perturbed by another FlatPerturb or "
+                            "sharpness() call; restore that one first."
+                        )
+                    swap = slot.swaps[name] = _Swap(target, noise)
+                    self._swaps.append((slot, name, swap))
         except BaseException:
             self.disarm()
             raise
 
+    @property
+    def calls(self) -> int:
+        """How many target forwards ran under this arming."""
+        return sum(swap.calls for _, _, swap in self._swaps)
+
     def disarm(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        for swap in self._swaps:
+        for slot, name, swap in self._swaps:
+            if slot.swaps.get(name) is swap:
+                del slot.swaps[name]
             swap.unwind()
-        self._handles.clear()
+        self._swaps.clear()
 
 
 class Generators:

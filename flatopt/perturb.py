@@ -163,6 +163,7 @@ class FlatPerturb(torch.optim.Optimizer):
         self._sites = build_sites(find_targets(model, adapters))
         self._generators = Generators()
         self._armed: Optional[Armed] = None
+        self._armed_sites = False
         self._stds: Optional[tuple[int, list[Tensor]]] = None  # (step, per-site std)
 
         # The Optimizer plumbing, without registering the parameters a second time.
@@ -264,6 +265,7 @@ class FlatPerturb(torch.optim.Optimizer):
         rank = _rank() if self._rank_noise else 0
         seeds = [derive_seed(self._seed, self._step, draw, site.index, rank) for site in sites]
         self._armed = Armed(sites, stds, seeds, self._generators)
+        self._armed_sites = bool(sites)
         self._draw += 1
 
     def restore(self) -> None:
@@ -272,13 +274,25 @@ class FlatPerturb(torch.optim.Optimizer):
         Raises:
             RuntimeError: nothing is armed.
         """
+        self._restore(warn=True)
+
+    def _restore(self, warn: bool) -> None:
         if self._armed is None:
             raise RuntimeError(
                 "restore() was called with nothing armed. Call opt.perturb() first, or use "
                 "`with opt.perturbed():`."
             )
         armed, self._armed = self._armed, None
+        ran = armed.calls
         armed.disarm()
+        if warn and self._armed_sites and ran == 0:
+            warnings.warn(
+                "No target layer ran between perturb() and restore(), so nothing was "
+                "perturbed. Run the forward in between, and call modules as module(x) (their "
+                "hooks must run); build FlatPerturb before the first call of a torch.compile'd "
+                "model.",
+                stacklevel=2,
+            )
 
     @contextmanager
     def perturbed(self) -> Iterator[FlatPerturb]:
@@ -297,8 +311,10 @@ class FlatPerturb(torch.optim.Optimizer):
         self.perturb()
         try:
             yield self
-        finally:
-            self.restore()
+        except BaseException:
+            self._restore(warn=False)
+            raise
+        self._restore(warn=True)
 
     # -- the optimizer interface ------------------------------------------------------------
 

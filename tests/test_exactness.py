@@ -19,6 +19,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import flatopt
+from flatopt._arming import _SLOTS
+from flatopt.adapters import find_targets
 from flatopt.lora import LoRALinear, add_lora
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -129,7 +131,7 @@ def test_an_exception_leaves_nothing_perturbed(where):
         model(x).sum().backward()
     assert not opt.is_perturbed
     assert base._parameters["weight"] is original  # the Parameter object itself is back
-    assert not base._forward_pre_hooks and not base._forward_hooks
+    assert not _SLOTS[base].swaps  # flatopt's hooks on the layer are inert again
     assert _top_hooks() is None
     assert_untouched(model, before)
     # The wrapper is still usable, and perturbs again.
@@ -150,13 +152,14 @@ def test_perturbed_weight_is_freed_after_forward(kind, dtype, batch_dims):
     if kind != "conv":
         x = x.expand(*batch_dims, *x.shape).clone()
     x.requires_grad_(True)  # so that autograd must save every target's weight for backward
-    opt = _wrap(model, adapters, sigma=0.1, seed=0)
     seen = []
-    for site in opt._sites:
-        name = site.target.param_name
-        site.target.module.register_forward_hook(
+    # Registered before FlatPerturb's own hooks, so these run while W + ε is swapped in.
+    for _, target in find_targets(model, adapters):
+        name = target.param_name
+        target.module.register_forward_hook(
             lambda m, a, o, name=name: seen.append(weakref.ref(getattr(m, name)))
         )
+    opt = _wrap(model, adapters, sigma=0.1, seed=0)
     with opt.perturbed():
         output = model(x)
         assert len(seen) == len(opt.targets)

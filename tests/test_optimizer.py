@@ -181,7 +181,8 @@ def test_read_only_views_and_repr():
     opt.perturb()
     assert opt.is_perturbed
     text = repr(opt)
-    opt.restore()
+    with pytest.warns(UserWarning, match="No target layer ran"):
+        opt.restore()
     for fragment in (
         "FlatPerturb",
         "sigma: 0.2",
@@ -342,6 +343,9 @@ def test_a_weight_read_by_two_modules_gets_one_noise_in_both():
     second = nn.Linear(6, 6)
     second.weight = first.weight  # tied
     model = nn.Sequential(first, second)
+    seen = {}  # hooks registered before FlatPerturb's run while W + ε is swapped in
+    for name, layer in (("first", first), ("second", second)):
+        layer.register_forward_hook(lambda m, a, o, name=name: seen.update({name: m.weight + 0}))
     opt = flatopt.FlatPerturb(
         torch.optim.SGD(model.parameters(), lr=0.1),
         model,
@@ -350,10 +354,16 @@ def test_a_weight_read_by_two_modules_gets_one_noise_in_both():
         adapters=[lambda m: flatopt.Target(m, "weight") if isinstance(m, nn.Linear) else None],
     )
     assert opt.targets == [("0", (6, 6))]
-    seen = {}
-    for name, layer in (("first", first), ("second", second)):
-        layer.register_forward_hook(lambda m, a, o, name=name: seen.update({name: m.weight + 0}))
     with opt.perturbed():
         model(torch.randn(2, 6)).sum().backward()
     assert not torch.equal(seen["first"], first.weight)
     assert bits_equal(seen["first"], seen["second"])
+
+
+def test_a_perturbation_that_no_layer_saw_warns_and_one_that_did_does_not(recwarn):
+    model, x, _, opt = _setup(schedule="constant")
+    with pytest.warns(UserWarning, match=r"No target layer ran.*module\(x\)"), opt.perturbed():
+        pass
+    with opt.perturbed():
+        model(x)
+    assert not [w for w in recwarn if "No target layer ran" in str(w.message)]
