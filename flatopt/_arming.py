@@ -8,8 +8,11 @@ from the forward to the backward.
 
 from __future__ import annotations
 
+import os
+import threading
 import weakref
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple, Optional
 
 import torch
@@ -122,7 +125,12 @@ class _Noise:
 
     def apply(self, weight: Tensor) -> Tensor:
         return perturbed_weight(
-            weight, self.std, transposed=self.transposed, generator=self.generator, seed=self.seed
+            weight,
+            self.std,
+            transposed=self.transposed,
+            generator=self.generator,
+            seed=self.seed,
+            run=_parallel,
         )
 
 
@@ -277,6 +285,49 @@ class Armed:
                 del slot.swaps[name]
             swap.unwind()
         self._swaps.clear()
+
+
+class _Parallel:
+    """Runs the blocks of a CPU draw on torch's thread count, one generator per thread.
+
+    torch's CPU generator draws one stream on one core; the blocks of a draw have their own
+    seeds (`flatopt.noise.blocks`), so they can be drawn on several cores with the same bits.
+    """
+
+    def __init__(self) -> None:
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._owner = (0, 0)  # (process id, workers) the pool was made for
+        self._local = threading.local()
+
+    def _generator(self) -> torch.Generator:
+        generator = getattr(self._local, "generator", None)
+        if generator is None:
+            generator = self._local.generator = torch.Generator()
+        return generator
+
+    def _run(self, fill: Callable[[int, torch.Generator], None], indices: range) -> None:
+        generator = self._generator()
+        for index in indices:
+            fill(index, generator)
+
+    def __call__(self, fill: Callable[[int, torch.Generator], None], count: int) -> None:
+        workers = min(torch.get_num_threads(), count)
+        share = -(-count // workers)
+        ranges = [range(start, min(start + share, count)) for start in range(0, count, share)]
+        if len(ranges) == 1:
+            self._run(fill, ranges[0])
+            return
+        pool = self._pool
+        if pool is None or self._owner != (os.getpid(), len(ranges) - 1):  # after fork/resize
+            pool = self._pool = ThreadPoolExecutor(len(ranges) - 1, thread_name_prefix="flatopt")
+            self._owner = (os.getpid(), len(ranges) - 1)
+        futures = [pool.submit(self._run, fill, indices) for indices in ranges[1:]]
+        self._run(fill, ranges[0])
+        for future in futures:
+            future.result()
+
+
+_parallel = _Parallel()
 
 
 class Generators:

@@ -15,14 +15,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "BLOCK_ELEMENTS",
     "SCHEDULES",
     "LowRank",
+    "block_seed",
+    "blocks",
     "derive_seed",
     "draw_noise",
     "noise_std",
@@ -195,17 +198,23 @@ def row_norms(
     factors = [delta] if isinstance(delta, LowRank) else list(delta or ())
     if not factors:
         return base_sq.sqrt()
-    B = torch.cat([f.scale * f.B.reshape(f.B.shape[0], -1).to(acc) for f in factors], dim=1)
-    A = torch.cat([f.A.reshape(f.A.shape[0], -1) for f in factors], dim=0)
+    if len(factors) == 1:
+        scale = factors[0].scale
+        B = factors[0].B.reshape(factors[0].B.shape[0], -1)
+        A = factors[0].A.reshape(factors[0].A.shape[0], -1)
+    else:  # several adapters: ΔW = [s₁B₁, s₂B₂, …] @ [A₁; A₂; …]
+        scale = 1.0
+        B = torch.cat([f.scale * f.B.reshape(f.B.shape[0], -1).to(acc) for f in factors], 1)
+        A = torch.cat([f.A.reshape(f.A.shape[0], -1).to(acc) for f in factors], 0)
     # W·Aᵀ in the weight's own precision: no weight-sized upcast of W.
     if transposed and weight.ndim == 2:
         WA = (A.to(weight.dtype) @ weight).t().to(acc)
     else:
         WA = (_logical_matrix(weight, transposed) @ A.to(weight.dtype).t()).to(acc)
-    A = A.to(acc)
-    cross = 2 * (B * WA).sum(1)
-    quad = ((B @ (A @ A.t())) * B).sum(1)
-    return (base_sq + cross + quad).clamp_min(0).sqrt()
+    B, A = B.to(acc), A.to(acc)
+    # ‖W_i + s·B_i·A‖² = ‖W_i‖² + B_i·(2s·(W·Aᵀ)_i + s²·(B·A·Aᵀ)_i)
+    inner = torch.addmm(WA, B, A @ A.t(), beta=2 * scale, alpha=scale * scale)
+    return (base_sq + torch.linalg.vecdot(B, inner)).clamp_min_(0).sqrt_()
 
 
 def noise_std(
@@ -234,10 +243,47 @@ def _broadcast(std: Tensor, weight: Tensor, transposed: bool) -> Tensor:
     return std.view(shape)
 
 
-def _standard_normal(weight: Tensor, generator: torch.Generator, seed: int) -> Tensor:
-    generator.manual_seed(seed)
-    z = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-    return z.normal_(generator=generator)
+BLOCK_ELEMENTS = 1 << 16
+"""On CPU, z is drawn in blocks of about this many elements (whole rows of storage), block b
+from a generator seeded with `block_seed(seed, b)`. The blocks are fixed by the shape alone, so
+the same seed gives the same z whatever the thread count, and blocks can be drawn in parallel:
+torch's CPU generator is sequential, so one stream would use one core. Other devices draw the
+whole tensor as one block."""
+
+
+def block_seed(seed: int, index: int) -> int:
+    """The seed of block ``index`` of a draw seeded with ``seed``; block 0 uses ``seed`` itself.
+
+    Example:
+        >>> block_seed(7, 0), block_seed(7, 1) != 7
+        (7, True)
+    """
+    return seed if index == 0 else _splitmix64(seed ^ _splitmix64(index)) >> 1
+
+
+def blocks(weight: Tensor) -> list[slice]:
+    """The row slices of ``weight`` (storage dim 0) that are drawn as separate blocks.
+
+    Example:
+        >>> len(blocks(torch.empty(1024, 1024))), len(blocks(torch.empty(4, 4)))
+        (16, 1)
+    """
+    rows = weight.shape[0] if weight.ndim else 1
+    if weight.device.type != "cpu" or rows <= 1:
+        return [slice(0, rows)]
+    per_block = max(1, BLOCK_ELEMENTS // max(1, weight.numel() // rows))
+    return [slice(start, min(start + per_block, rows)) for start in range(0, rows, per_block)]
+
+
+Runner = Callable[[Callable[[int, torch.Generator], None], int], None]
+
+
+def _serial(generator: torch.Generator) -> Runner:
+    def run(fill: Callable[[int, torch.Generator], None], count: int) -> None:
+        for index in range(count):
+            fill(index, generator)
+
+    return run
 
 
 @torch.no_grad()
@@ -248,12 +294,23 @@ def perturbed_weight(
     transposed: bool = False,
     generator: torch.Generator,
     seed: int,
+    run: Optional[Runner] = None,
 ) -> Tensor:
     """Return a new tensor W + ε in W's dtype and device; W itself is never written.
 
-    The noise is drawn straight into the output buffer and W is fused in with one ``addcmul``,
-    so the call allocates exactly one weight-sized tensor. Calling it again with the same
-    generator device and seed returns the same bits.
+    The noise of each block is drawn straight into the output buffer and W is fused in with
+    one ``addcmul`` while the block is still in cache, so the call allocates exactly one
+    weight-sized tensor. Calling it again with the same seed on the same device type returns
+    the same bits.
+
+    Args:
+        weight: W, in its storage layout.
+        std: the per-row noise std (see `noise_std`).
+        transposed: W is stored as ``(fan_in, out)``.
+        generator: a generator on W's device (used for every block unless ``run`` is given).
+        seed: the draw's seed.
+        run: optional ``run(fill, count)`` that calls ``fill(index, generator)`` for every
+            block index, e.g. on several threads each with its own generator.
 
     Example:
         >>> W, g = torch.zeros(2, 3), torch.Generator()
@@ -261,8 +318,27 @@ def perturbed_weight(
         >>> torch.equal(a, perturbed_weight(W, torch.ones(2), generator=g, seed=1))
         True
     """
-    out = _standard_normal(weight, generator, seed)
-    return torch.addcmul(weight, out, _broadcast(std, weight, transposed), out=out)
+    out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    scale = _broadcast(std, weight, transposed)
+    parts = blocks(weight)
+
+    def fill(index: int, block_generator: torch.Generator) -> None:
+        rows = parts[index]
+        block = out[rows]
+        block_generator.manual_seed(block_seed(seed, index))
+        block.normal_(generator=block_generator)
+        torch.addcmul(weight[rows], block, scale if scale.shape[0] == 1 else scale[rows], out=block)
+
+    (run if run is not None and len(parts) > 1 else _serial(generator))(fill, len(parts))
+    return out
+
+
+def _standard_normal(weight: Tensor, generator: torch.Generator, seed: int) -> Tensor:
+    z = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    for index, rows in enumerate(blocks(weight)):
+        generator.manual_seed(block_seed(seed, index))
+        z[rows].normal_(generator=generator)
+    return z
 
 
 @torch.no_grad()
