@@ -8,18 +8,20 @@ from the forward to the backward.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
+from ._output import OutputSwap, dequantized, is_plain, layer_op
 from .adapters import Target
-from .noise import noise_std, perturbed_weight, row_dim
+from .noise import draw_noise, noise_std, perturbed_weight, row_dim
 
 __all__ = ["Armed", "Generators", "Site", "build_sites"]
 
@@ -58,16 +60,30 @@ class Site:
         self.logical_shape = (rows, weight.numel() // max(rows, 1))
         self._base_key: Optional[tuple[int, int]] = None
         self._base_sq: Optional[Tensor] = None
+        # A weight that cannot be added to (quantized) gets its noise on the output side.
+        self.ops = None if is_plain(weight) else [layer_op(t.module, weight) for t in targets]
+        if self.ops is not None and (None in self.ops or dequantized(weight) is None):
+            module = self.readers[self.ops.index(None) if None in self.ops else 0].module
+            raise ValueError(
+                f"Module {name!r}: {type(module).__name__}.{self.target.param_name} is a "
+                f"{type(weight).__name__} of dtype {weight.dtype}. flatopt adds ε to plain "
+                "floating weights, and applies it on the output side for quantized weights of "
+                "linear, conv and embedding layers that can be dequantized (.dequantize()); "
+                "this one is neither. Exclude the layer, or dequantize its base weight."
+            )
 
     def std(self, sigma: float) -> Tensor:
         """The per-row noise std σ·‖W'_i‖/√n at the weights' current values."""
         target, weight = self.target, self.target.weight
         with torch.no_grad():
             delta = target.delta() if target.delta is not None else None
+        if self.ops is not None:
+            with torch.no_grad():
+                weight = dequantized(weight)
         base_sq = None
         if not isinstance(delta, Tensor):
             # ‖W_i‖² is reused while W is unchanged: frozen base weights never pay it twice.
-            key = (weight._version, weight.data_ptr())
+            key = (self.target.weight._version, id(self.target.weight))
             if key != self._base_key:
                 dim = row_dim(weight, target.transposed)
                 other = [d for d in range(weight.ndim) if d != dim]
@@ -123,6 +139,18 @@ class _Noise:
         self.generator = generator
         self.transposed = transposed
 
+    def epsilon(self, weight: Tensor, dtype: torch.dtype) -> Tensor:
+        """ε itself, drawn in ``dtype``: for quantized weights, which have no float dtype."""
+        eps = draw_noise(
+            weight,
+            self.std,
+            transposed=self.transposed,
+            generator=self.generator,
+            seed=self.seed,
+            dtype=dtype,
+        )
+        return eps.to(dtype)
+
     def apply(self, weight: Tensor) -> Tensor:
         return perturbed_weight(
             weight,
@@ -155,7 +183,7 @@ class _Swap:
         self.calls = 0
         self.stack: list[tuple[Tensor, Any]] = []
 
-    def pre(self, module: nn.Module) -> None:
+    def pre(self, module: nn.Module, args: Any) -> None:
         name = self.target.param_name
         weight = _read(module, name)
         if weight.requires_grad and torch.is_grad_enabled():
@@ -168,10 +196,11 @@ class _Swap:
         self.stack.append((weight, hooks))
         self.calls += 1
 
-    def post(self, module: nn.Module) -> None:
+    def post(self, module: nn.Module, args: Any, output: Any) -> Any:
         weight, hooks = self.stack.pop()
         hooks.__exit__(None, None, None)
         _write(module, self.target.param_name, weight)
+        return output
 
     def unwind(self) -> None:
         """Undo swaps that a failed forward left behind (its forward hook did not run)."""
@@ -221,17 +250,18 @@ class _Slot:
     first found, so that a ``torch.compile``'d model sees them; they do nothing unless armed."""
 
     def __init__(self) -> None:
-        self.swaps: dict[str, _Swap] = {}
+        self.swaps: dict[str, Union[_Swap, OutputSwap]] = {}
         self.pre = _not_compiled(self._pre)
         self.post = _not_compiled(self._post)
 
     def _pre(self, module: nn.Module, args: Any) -> None:
         for swap in self.swaps.values():
-            swap.pre(module)
+            swap.pre(module, args)
 
-    def _post(self, module: nn.Module, args: Any, output: Any) -> None:
+    def _post(self, module: nn.Module, args: Any, output: Any) -> Any:
         for swap in reversed(list(self.swaps.values())):
-            swap.post(module)
+            output = swap.post(module, args, output)
+        return output
 
 
 _SLOTS: weakref.WeakKeyDictionary[nn.Module, _Slot] = weakref.WeakKeyDictionary()
@@ -256,19 +286,23 @@ class Armed:
         seeds: Sequence[int],
         generator: Callable[[torch.device], torch.Generator],
     ):
-        self._swaps: list[tuple[_Slot, str, _Swap]] = []
+        self._swaps: list[tuple[_Slot, str, Union[_Swap, OutputSwap]]] = []
         try:
             for site, std, seed in zip(sites, stds, seeds):
                 weight = site.target.weight
                 noise = _Noise(std, seed, generator(weight.device), site.target.transposed)
-                for target in site.readers:
+                for reader, target in enumerate(site.readers):
                     slot, name = _slot(target.module), target.param_name
                     if name in slot.swaps:
                         raise RuntimeError(
                             f"{site.name!r} is already perturbed by another FlatPerturb or "
                             "sharpness() call; restore that one first."
                         )
-                    swap = slot.swaps[name] = _Swap(target, noise)
+                    if site.ops is None:
+                        swap = slot.swaps[name] = _Swap(target, noise)
+                    else:
+                        epsilon = functools.partial(noise.epsilon, weight)
+                        swap = slot.swaps[name] = OutputSwap(target, epsilon, site.ops[reader])
                     self._swaps.append((slot, name, swap))
         except BaseException:
             self.disarm()

@@ -203,12 +203,6 @@ def _check(target: object, adapter: Adapter, name: str, module: nn.Module) -> Ta
             "(a property or parametrization), not stored on the module. Point param_name at the "
             "stored tensor the forward reads, on the module that reads it."
         )
-    if not weight.is_floating_point() or type(weight) not in (torch.Tensor, nn.Parameter):
-        raise ValueError(
-            f"Module {name!r}: {type(target.module).__name__}.{target.param_name} is a "
-            f"{type(weight).__name__} of dtype {weight.dtype}; flatopt can only perturb plain "
-            "floating-point weights. Exclude this layer or dequantize its base weight."
-        )
     return target
 
 

@@ -333,8 +333,10 @@ def perturbed_weight(
     return out
 
 
-def _standard_normal(weight: Tensor, generator: torch.Generator, seed: int) -> Tensor:
-    z = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+def _standard_normal(
+    weight: Tensor, generator: torch.Generator, seed: int, dtype: Optional[torch.dtype] = None
+) -> Tensor:
+    z = torch.empty(weight.shape, dtype=dtype or weight.dtype, device=weight.device)
     for index, rows in enumerate(blocks(weight)):
         generator.manual_seed(block_seed(seed, index))
         z[rows].normal_(generator=generator)
@@ -349,16 +351,18 @@ def draw_noise(
     transposed: bool = False,
     generator: torch.Generator,
     seed: int,
+    dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
-    """Return ε itself, in fp32 (fp64 for fp64 weights): the slow, explicit form of the law.
+    """Return ε itself: the explicit form of the law, in ``std``'s dtype (fp32 or fp64).
 
     It uses the same ``z`` as `perturbed_weight`; tests and references use it to build
-    W + ε by hand.
+    W + ε by hand. ``dtype`` draws z in another dtype than W's: a quantized W has no
+    floating dtype of its own, and its noise is drawn in the dtype of the layer's input.
 
     Example:
         >>> eps = draw_noise(torch.zeros(2, 3), torch.ones(2), generator=torch.Generator(), seed=1)
         >>> eps.shape
         torch.Size([2, 3])
     """
-    z = _standard_normal(weight, generator, seed)
+    z = _standard_normal(weight, generator, seed, dtype)
     return z.to(std.dtype) * _broadcast(std, weight, transposed)
