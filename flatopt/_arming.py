@@ -330,7 +330,7 @@ class _Parallel:
 
     def __init__(self) -> None:
         self._pool: Optional[ThreadPoolExecutor] = None
-        self._owner = (0, 0)  # (process id, workers) the pool was made for
+        self._owner = (0, 0)  # (process id, worker count) the pool was made for
         self._local = threading.local()
 
     def _generator(self) -> torch.Generator:
@@ -351,10 +351,12 @@ class _Parallel:
         if len(ranges) == 1:
             self._run(fill, ranges[0])
             return
-        pool = self._pool
-        if pool is None or self._owner != (os.getpid(), len(ranges) - 1):  # after fork/resize
-            pool = self._pool = ThreadPoolExecutor(len(ranges) - 1, thread_name_prefix="flatopt")
-            self._owner = (os.getpid(), len(ranges) - 1)
+        pool, owner = self._pool, (os.getpid(), torch.get_num_threads() - 1)
+        if pool is None or self._owner != owner:  # first use, after a fork, or new thread count
+            if pool is not None and self._owner[0] == owner[0]:
+                pool.shutdown(wait=False)
+            pool = self._pool = ThreadPoolExecutor(owner[1], thread_name_prefix="flatopt")
+            self._owner = owner
         futures = [pool.submit(self._run, fill, indices) for indices in ranges[1:]]
         self._run(fill, ranges[0])
         for future in futures:
