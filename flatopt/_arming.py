@@ -206,8 +206,12 @@ class _Swap:
         """Undo swaps that a failed forward left behind (its forward hook did not run)."""
         while self.stack:
             weight, hooks = self.stack.pop()
-            hooks.__exit__(None, None, None)
             _write(self.target.module, self.target.param_name, weight)
+            # A forward re-run inside backward entered its hooks in autograd's own copy of the
+            # thread state, which is gone by now: pop them only if they are still on top.
+            top = _top_saved_tensors_hooks(False) if _top_saved_tensors_hooks else None
+            if top is not None and top[0] is hooks.pack_hook:
+                hooks.__exit__(None, None, None)
 
     def _packer(self, weight: Tensor, perturbed: Tensor) -> Callable[[Tensor], Any]:
         # Only plain facts about W + ε are captured: holding the tensor would keep it alive.
@@ -314,11 +318,12 @@ class Armed:
         return sum(swap.calls for _, _, swap in self._swaps)
 
     def disarm(self) -> None:
-        for slot, name, swap in self._swaps:
+        swaps, self._swaps = self._swaps, []
+        for slot, name, swap in swaps:
             if slot.swaps.get(name) is swap:
                 del slot.swaps[name]
+        for _, _, swap in swaps:
             swap.unwind()
-        self._swaps.clear()
 
 
 class _Parallel:
