@@ -103,7 +103,11 @@ def flatopt_lora(module: nn.Module) -> Optional[Target]:
     return None
 
 
-BUILTIN: tuple[Adapter, ...] = (flatopt_lora,)
+def _builtins() -> tuple[Adapter, ...]:
+    """flatopt's own LoRA, then peft, loralib, minLoRA, torchtune and litgpt's (integrations)."""
+    from .integrations import ADAPTERS  # imported here: integrations imports this module
+
+    return (flatopt_lora, *ADAPTERS)
 
 
 def dense(*modules: nn.Module, param_name: str = "weight") -> Adapter:
@@ -224,7 +228,7 @@ def find_targets(
         >>> [(name, tuple(t.weight.shape)) for name, t in find_targets(net)]
         [('0', (4, 4))]
     """
-    chain = [*adapters, *_REGISTERED, *BUILTIN]
+    chain = [*adapters, *_REGISTERED, *_builtins()]
     named = _named_modules(model)
     found: list[tuple[str, Target]] = []
     for name, module in named:

@@ -1,0 +1,251 @@
+"""Built-in adapters for the LoRA libraries people use: peft, loralib, minLoRA-style
+``torch.nn.utils.parametrize`` LoRA, torchtune and litgpt.
+
+Each adapter recognises its layers by their attributes, never by importing the library, so
+``import flatopt`` imports none of them and vendored copies (loralib and minLoRA are often
+copied into projects) are recognised too. Each returns a `Target` on the module whose forward
+reads the frozen weight, and a ``delta`` that hands ΔW over as `LowRank` factors, read at
+every `FlatPerturb.perturb` from the layer's current state (merged, disabled, active adapters).
+The semantics chosen for each library (merged, several adapters, DoRA, embeddings, conv) are
+tabled on the docs' "Adapters" page. `FlatPerturb` tries them after any adapter of yours.
+
+Example:
+    >>> import torch
+    >>> from flatopt.integrations import ADAPTERS
+    >>> [adapter.__name__ for adapter in ADAPTERS]
+    ['peft_lora', 'loralib_lora', 'parametrized_lora', 'torchtune_lora', 'litgpt_lora']
+    >>> [adapter(torch.nn.Linear(2, 2)) for adapter in ADAPTERS]  # not LoRA: no target
+    [None, None, None, None, None]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
+
+from torch import Tensor, nn
+
+from .adapters import Target
+from .noise import LowRank
+
+__all__ = [
+    "ADAPTERS",
+    "litgpt_lora",
+    "loralib_lora",
+    "parametrized_lora",
+    "peft_lora",
+    "torchtune_lora",
+]
+
+
+def _has(module: object, *names: str) -> bool:
+    return all(hasattr(module, name) for name in names)
+
+
+def _block_rows(B: Tensor, rank: int, blocks: Sequence[tuple[int, int]], rows: int) -> Tensor:
+    """B of a grouped LoRA (one rank-r block per enabled group) as a dense ``(rows, r·k)`` B.
+
+    Group j's rows ``[start, start + size)`` get B's j-th row block in columns ``[j·r, (j+1)·r)``
+    and every other entry is 0, so ``B_full @ A`` is the zero-padded, block-structured ΔW.
+    """
+    full = B.new_zeros(rows, rank * len(blocks))
+    offset = 0
+    for j, (start, size) in enumerate(blocks):
+        full[start : start + size, j * rank : (j + 1) * rank] = B[offset : offset + size]
+        offset += size
+    return full
+
+
+def _low_rank(module: nn.Module, blocks: Optional[list[tuple[int, int]]], rows: int) -> LowRank:
+    """loralib's and litgpt's ``lora_B``, ``lora_A``, ``scaling``, read now; grouped if blocks."""
+    B = module.lora_B if blocks is None else _block_rows(module.lora_B, module.r, blocks, rows)
+    return LowRank(B, module.lora_A, module.scaling)
+
+
+# -- peft ------------------------------------------------------------------------------------
+
+
+def peft_lora(module: nn.Module) -> Optional[Target]:
+    """peft ``LoraLayer`` (Linear incl. ``fan_in_fan_out``, Embedding, Conv1d/2d/3d; DoRA).
+
+    The target is the base layer (``get_base_layer()``), which peft calls as a module. ΔW is
+    Σ scaling·B@A over the active adapters, or None when adapters are disabled or any is merged
+    (peft's forward then runs the base layer alone, its weight already holding the merge).
+    """
+    if not _has(module, "merged_adapters", "lora_A", "lora_embedding_A", "get_base_layer"):
+        return None
+    kind = type(module).__name__
+    variants = {type(v).__name__ for v in getattr(module, "lora_variant", {}).values()}
+    unknown = sorted(v for v in variants if not v.startswith("Dora"))
+    if kind in ("MultiheadAttention", "ParamWrapper") or unknown:
+        raise ValueError(
+            f"flatopt's peft adapter supports LoRA and DoRA on Linear, Embedding and Conv layers, "
+            f"not peft's {kind}{f' with {unknown}' if unknown else ''}. Pass adapters=[fn] with fn "
+            "returning a flatopt.Target for it (tried before the built-ins)."
+        )
+    base = module.get_base_layer()
+    embedding = len(module.lora_embedding_A) > 0
+    if getattr(base, "groups", 1) > 1:
+        raise ValueError(
+            f"peft LoRA on a grouped conv ({type(base).__name__}, groups={base.groups}) has no "
+            "merged weight (peft cannot merge it either). Pass adapters=[fn] with your own "
+            "flatopt.Target for it, e.g. flatopt.Target(layer.get_base_layer(), 'weight')."
+        )
+
+    def delta() -> Optional[list[LowRank]]:
+        if module.disable_adapters or module.merged_adapters:
+            return None
+        factors = []
+        for name in module.active_adapters:
+            if embedding and name in module.lora_embedding_A:
+                B, A = module.lora_embedding_B[name], module.lora_embedding_A[name]
+            elif not embedding and name in module.lora_A:
+                B, A = module.lora_B[name].weight, module.lora_A[name].weight
+            else:
+                continue
+            factors.append(LowRank(B, A, module.scaling[name]))
+        return factors or None
+
+    # An embedding's rows are its dims, as flatopt.dense; a fan_in_fan_out weight is (in, out).
+    transposed = embedding or bool(getattr(module, "fan_in_fan_out", False))
+    return Target(base, "weight", delta, transposed=transposed)
+
+
+# -- loralib ---------------------------------------------------------------------------------
+
+
+def loralib_lora(module: nn.Module) -> Optional[Target]:
+    """loralib ``Linear``, ``MergedLinear``, ``Embedding`` and ``Conv1d/2d/3d`` (``ConvLoRA``).
+
+    They read ``self.weight`` in their own forward. ΔW is None once merged (``.eval()`` with
+    ``merge_weights=True``). ``ConvLoRA`` is supported only while merged: unmerged, its forward
+    calls ``self.conv._conv_forward`` with the weight directly, so no forward hook can see it.
+    """
+    if not _has(module, "lora_A", "lora_B", "scaling", "merged", "merge_weights"):
+        return None
+    if isinstance(getattr(module, "conv", None), nn.Module):
+        return _loralib_conv(module)
+    rows, blocks = module.lora_B.shape[0], None
+    if hasattr(module, "enable_lora"):  # MergedLinear: one rank-r block per enabled group
+        rows = module.out_features
+        size = rows // len(module.enable_lora)
+        blocks = [(g * size, size) for g, on in enumerate(module.enable_lora) if on]
+
+    def delta() -> Optional[LowRank]:
+        return None if module.merged else _low_rank(module, blocks, rows)
+
+    transposed = isinstance(module, nn.Embedding) or bool(getattr(module, "fan_in_fan_out", False))
+    return Target(module, "weight", delta, transposed)
+
+
+def _loralib_conv(module: nn.Module) -> Target:
+    unmerged = (
+        f"loralib {type(module).__name__} is unmerged (training mode): its forward then "
+        "computes the conv from self.conv.weight without calling self.conv, where flatopt's "
+        "hooks are, so the noise would silently not reach it. Only a merged ConvLoRA "
+        "(.eval() with merge_weights=True) is supported; for training, exclude it or replace it "
+        "by a LoRA conv that calls its base conv as a module."
+    )
+    if not module.merged:
+        raise ValueError(unmerged)
+
+    def delta() -> None:
+        if not module.merged:
+            raise RuntimeError(unmerged)
+        return None  # merged: ΔW is in W already
+
+    return Target(module.conv, "weight", delta)
+
+
+# -- minLoRA-style torch.nn.utils.parametrize ------------------------------------------------
+
+
+def _parametrization_enabled(p: nn.Module) -> bool:
+    if not getattr(p, "enabled", True):
+        return False
+    forward_fn, lora_forward = getattr(p, "forward_fn", None), getattr(p, "lora_forward", None)
+    return forward_fn is None or lora_forward is None or forward_fn == lora_forward
+
+
+def parametrized_lora(module: nn.Module) -> Optional[Target]:
+    """A layer whose ``weight`` is parametrized by minLoRA-style LoRA parametrizations.
+
+    Accessing ``module.weight`` calls ``module.parametrizations.weight``, whose forward reads
+    ``original``: that list is the target. Each parametrization adds
+    ``scaling · mm(*swap((lora_B, lora_A)))`` viewed as the weight; disabled ones add nothing.
+    """
+    parametrizations = getattr(module, "parametrizations", None)
+    if not isinstance(parametrizations, nn.ModuleDict) or "weight" not in parametrizations:
+        return None
+    chain = parametrizations["weight"]
+    loras = [p for p in chain if _has(p, "lora_A", "lora_B", "scaling")]
+    if not loras:
+        return None
+    if len(loras) != len(chain):
+        others = [type(p).__name__ for p in chain if p not in loras]
+        raise ValueError(
+            f"{type(module).__name__}.weight is parametrized by LoRA and by {others}; flatopt "
+            "models W' = W + ΔW only. Pass adapters=[fn] with your own flatopt.Target for it."
+        )
+    transposed = isinstance(module, nn.Embedding) or type(module).__name__ == "Conv1D"
+
+    def delta() -> Optional[list[LowRank]]:
+        factors = []
+        for p in filter(_parametrization_enabled, loras):
+            swap = getattr(p, "swap", lambda pair: pair)
+            first, second = swap((p.lora_B, p.lora_A))  # ΔW as stored = first @ second
+            pair = (second.t(), first.t()) if transposed else (first, second)
+            factors.append(LowRank(*pair, p.scaling))
+        return factors or None
+
+    return Target(chain, "original", delta, transposed=transposed)
+
+
+# -- torchtune -------------------------------------------------------------------------------
+
+
+def torchtune_lora(module: nn.Module) -> Optional[Target]:
+    """torchtune ``LoRALinear``, ``QATLoRALinear`` and ``DoRALinear``: they read ``self.weight``.
+
+    ΔW = scaling·B@A (``alpha / rank``), None while ``disabled``. A ``quantize_base=True`` (NF4)
+    weight cannot be added to: flatopt then puts its noise on the layer's output side.
+    """
+    if not _has(module, "lora_a", "lora_b", "disabled", "weight"):
+        return None
+    if not (hasattr(module, "scaling") or _has(module, "alpha", "rank")):
+        return None
+
+    def delta() -> Optional[LowRank]:
+        if module.disabled:
+            return None
+        # DoRALinear stores its scaling; LoRALinear computes alpha / rank in its forward.
+        scale = module.scaling if hasattr(module, "scaling") else module.alpha / module.rank
+        return LowRank(module.lora_b.weight, module.lora_a.weight, scale)
+
+    return Target(module, "weight", delta)
+
+
+# -- litgpt ----------------------------------------------------------------------------------
+
+
+def litgpt_lora(module: nn.Module) -> Optional[Target]:
+    """litgpt ``LoRALinear`` and ``LoRAQKVLinear`` (grouped q/k/v ``enable_lora``).
+
+    The target is ``module.linear``, which litgpt calls as a module. ΔW is None once merged.
+    """
+    if not _has(module, "linear", "lora_A", "lora_B", "scaling", "merged", "r"):
+        return None
+    rows, blocks = module.linear.out_features, None
+    if hasattr(module, "enable_lora"):  # LoRAQKVLinear: rows are q | k | v
+        q = module.head_size * module.n_head
+        kv = module.head_size * module.n_query_groups
+        parts = ((0, q), (q, kv), (q + kv, rows - q - kv))
+        blocks = [part for part, on in zip(parts, module.enable_lora) if on]
+
+    def delta() -> Optional[LowRank]:
+        return None if module.merged else _low_rank(module, blocks, rows)
+
+    return Target(module.linear, "weight", delta)
+
+
+ADAPTERS = (peft_lora, loralib_lora, parametrized_lora, torchtune_lora, litgpt_lora)
