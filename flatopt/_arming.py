@@ -28,14 +28,16 @@ __all__ = ["Armed", "Generators", "Site", "build_sites"]
 _top_saved_tensors_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
 
 
-def _read(module: nn.Module, name: str) -> Tensor:
+def _read(target: Target) -> Tensor:
+    module, name = target.owner()
     for store in (module._parameters, module._buffers):
         if name in store:
             return store[name]
     return module.__dict__[name]
 
 
-def _write(module: nn.Module, name: str, value: Tensor) -> None:
+def _write(target: Target, value: Tensor) -> None:
+    module, name = target.owner()
     for store in (module._parameters, module._buffers):
         if name in store:
             store[name] = value
@@ -61,7 +63,11 @@ class Site:
         self._base_key: Optional[tuple[int, int]] = None
         self._base_sq: Optional[Tensor] = None
         # A weight that cannot be added to (quantized) gets its noise on the output side.
-        self.ops = None if is_plain(weight) else [layer_op(t.module, weight) for t in targets]
+        self.ops = (
+            None
+            if is_plain(weight)
+            else [layer_op(t.owner()[0], weight, t.transposed) for t in targets]
+        )
         if self.ops is not None and (None in self.ops or dequantized(weight) is None):
             module = self.readers[self.ops.index(None) if None in self.ops else 0].module
             raise ValueError(
@@ -109,7 +115,10 @@ def build_sites(found: Sequence[tuple[str, Target]]) -> list[Site]:
                     f"Modules {name!r} and {other_name!r} share one weight but their adapters "
                     "disagree on transposed=; a tied weight needs one layout for its rows."
                 )
-        sites.append(Site(index, name, [target for _, target in group]))
+        readers: dict[tuple[int, str], Target] = {}  # two claims on one module count once
+        for _, target in group:
+            readers.setdefault((id(target.module), target.param_name), target)
+        sites.append(Site(index, name, list(readers.values())))
     return sites
 
 
@@ -184,14 +193,13 @@ class _Swap:
         self.stack: list[tuple[Tensor, Any]] = []
 
     def pre(self, module: nn.Module, args: Any) -> None:
-        name = self.target.param_name
-        weight = _read(module, name)
+        weight = _read(self.target)
         if weight.requires_grad and torch.is_grad_enabled():
             perturbed = _PerturbedWeight.apply(weight, self.noise)
         else:
             perturbed = self.noise.apply(weight)
         hooks = torch.autograd.graph.saved_tensors_hooks(self._packer(weight, perturbed), _unpack)
-        _write(module, name, perturbed)
+        _write(self.target, perturbed)
         hooks.__enter__()
         self.stack.append((weight, hooks))
         self.calls += 1
@@ -199,14 +207,14 @@ class _Swap:
     def post(self, module: nn.Module, args: Any, output: Any) -> Any:
         weight, hooks = self.stack.pop()
         hooks.__exit__(None, None, None)
-        _write(module, self.target.param_name, weight)
+        _write(self.target, weight)
         return output
 
     def unwind(self) -> None:
         """Undo swaps that a failed forward left behind (its forward hook did not run)."""
         while self.stack:
             weight, hooks = self.stack.pop()
-            _write(self.target.module, self.target.param_name, weight)
+            _write(self.target, weight)
             # A forward re-run inside backward entered its hooks in autograd's own copy of the
             # thread state, which is gone by now: pop them only if they are still on top.
             top = _top_saved_tensors_hooks(False) if _top_saved_tensors_hooks else None

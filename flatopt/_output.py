@@ -46,8 +46,11 @@ class _Op:
         self.input_grad = input_grad
 
 
-def layer_op(module: nn.Module, weight: Tensor) -> Optional[_Op]:
-    """The functional form of ``module`` in its weight, for the kinds flatopt knows, or None."""
+def layer_op(module: nn.Module, weight: Tensor, transposed: bool = False) -> Optional[_Op]:
+    """The functional form of ``module`` in its weight, for the kinds flatopt knows, or None.
+
+    ε arrives in the weight's storage layout; a linear weight stored ``(fan_in, out)`` is
+    applied transposed."""
     if isinstance(module, nn.modules.conv._ConvNd):
         if module.transposed or module.padding_mode != "zeros":
             return None
@@ -61,6 +64,8 @@ def layer_op(module: nn.Module, weight: Tensor) -> Optional[_Op]:
         )
     if isinstance(module, nn.Embedding):
         return _Op(lambda x, eps: F.embedding(x, eps), None)
+    if weight.ndim == 2 and transposed:
+        return _Op(lambda x, eps: x @ eps, lambda grad_out, eps, shape: grad_out @ eps.t())
     if weight.ndim == 2:
         return _Op(lambda x, eps: F.linear(x, eps), lambda grad_out, eps, shape: grad_out @ eps)
     return None

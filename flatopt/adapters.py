@@ -33,7 +33,9 @@ class Target:
     Args:
         module: the module whose forward reads the weight. Its forward hooks must run, i.e. it
             is called as ``module(...)``.
-        param_name: the attribute the forward reads, ``getattr(module, param_name)``.
+        param_name: the attribute the forward reads, ``getattr(module, param_name)``; a dotted
+            name such as ``"conv.weight"`` names a child's tensor that ``module``'s forward
+            reads without calling the child.
         delta: a zero-argument callable returning ΔW: a tensor in the weight's storage layout,
             a `LowRank` (or a list of them, one per active adapter), or None.
             ``None`` instead of a callable means ΔW = 0.
@@ -53,7 +55,14 @@ class Target:
     @property
     def weight(self) -> torch.Tensor:
         """The tensor the forward reads (the frozen base weight for LoRA layers)."""
-        return getattr(self.module, self.param_name)
+        owner, name = self.owner()
+        return getattr(owner, name, None)
+
+    def owner(self) -> tuple[nn.Module, str]:
+        """The module that stores the tensor, and its name there (``"conv.weight"`` is the
+        ``weight`` of ``module.conv``: for a layer that reads a child's weight itself)."""
+        path, _, name = self.param_name.rpartition(".")
+        return (self.module.get_submodule(path) if path else self.module), name
 
 
 Adapter = Callable[[nn.Module], Optional[Target]]
@@ -193,15 +202,19 @@ def _check(target: object, adapter: Adapter, name: str, module: nn.Module) -> Ta
             f"{type(target).__name__} for module {name!r}; an adapter must return "
             "flatopt.Target(...) or None."
         )
-    weight = getattr(target.module, target.param_name, None)
+    try:
+        weight = target.weight
+    except AttributeError:  # a dotted param_name through a missing child
+        weight = None
     if not isinstance(weight, torch.Tensor):
         raise ValueError(
             f"Adapter {getattr(adapter, '__name__', adapter)!r} targets "
             f"{type(target.module).__name__}.{target.param_name} for module {name!r}, but that "
             f"attribute is {type(weight).__name__}, not a tensor. Check param_name."
         )
-    stored = (target.module._parameters, target.module._buffers, target.module.__dict__)
-    if not any(target.param_name in store for store in stored):
+    owner, attribute = target.owner()
+    stored = (owner._parameters, owner._buffers, owner.__dict__)
+    if not any(attribute in store for store in stored):
         raise ValueError(
             f"Module {name!r}: {type(target.module).__name__}.{target.param_name} is computed "
             "(a property or parametrization), not stored on the module. Point param_name at the "

@@ -118,8 +118,8 @@ def loralib_lora(module: nn.Module) -> Optional[Target]:
     """loralib ``Linear``, ``MergedLinear``, ``Embedding`` and ``Conv1d/2d/3d`` (``ConvLoRA``).
 
     They read ``self.weight`` in their own forward. ΔW is None once merged (``.eval()`` with
-    ``merge_weights=True``). ``ConvLoRA`` is supported only while merged: unmerged, its forward
-    calls ``self.conv._conv_forward`` with the weight directly, so no forward hook can see it.
+    ``merge_weights=True``). ``ConvLoRA`` computes with ``self.conv.weight`` in its own forward
+    without calling ``self.conv`` while unmerged, so its target is ``"conv.weight"`` on itself.
     """
     if not _has(module, "lora_A", "lora_B", "scaling", "merged", "merge_weights"):
         return None
@@ -139,22 +139,15 @@ def loralib_lora(module: nn.Module) -> Optional[Target]:
 
 
 def _loralib_conv(module: nn.Module) -> Target:
-    unmerged = (
-        f"loralib {type(module).__name__} is unmerged (training mode): its forward then "
-        "computes the conv from self.conv.weight without calling self.conv, where flatopt's "
-        "hooks are, so the noise would silently not reach it. Only a merged ConvLoRA "
-        "(.eval() with merge_weights=True) is supported; for training, exclude it or replace it "
-        "by a LoRA conv that calls its base conv as a module."
-    )
-    if not module.merged:
-        raise ValueError(unmerged)
+    # Unmerged, ConvLoRA's forward computes with self.conv.weight without calling self.conv,
+    # so the hooks go on ConvLoRA itself and it reads the child's weight ("conv.weight").
+    def delta() -> Optional[Tensor]:
+        if module.merged:
+            return None  # merged: ΔW is in W already
+        # ΔW = (B @ A) viewed as the kernel: its logical rows are not rows of B @ A.
+        return (module.lora_B @ module.lora_A).view(module.conv.weight.shape) * module.scaling
 
-    def delta() -> None:
-        if not module.merged:
-            raise RuntimeError(unmerged)
-        return None  # merged: ΔW is in W already
-
-    return Target(module.conv, "weight", delta)
+    return Target(module, "conv.weight", delta)
 
 
 # -- minLoRA-style torch.nn.utils.parametrize ------------------------------------------------

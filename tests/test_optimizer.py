@@ -367,3 +367,48 @@ def test_a_perturbation_that_no_layer_saw_warns_and_one_that_did_does_not(recwar
     with opt.perturbed():
         model(x)
     assert not [w for w in recwarn if "No target layer ran" in str(w.message)]
+
+
+def test_two_adapters_claiming_one_weight_on_one_module_count_once():
+    model, x, _ = build("lora", torch.float32, 6, 5, 2, seed=0)
+    claim_base = [lambda m: flatopt.Target(m, "weight") if m is model[0].base else None]
+    opt = flatopt.FlatPerturb(
+        _inner(model), model, schedule="constant", seed=0, adapters=claim_base
+    )
+    assert [name for name, _ in opt.targets] == ["0", "2"]
+    with opt.perturbed():
+        model(x).sum().backward()
+
+
+def test_a_dotted_param_name_reaches_a_child_weight_read_by_its_parent():
+    class Reader(nn.Module):  # computes with its child's weight without calling the child
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(3, 4, 1)
+
+        def forward(self, x):
+            return torch.nn.functional.conv1d(x, self.conv.weight, self.conv.bias)
+
+    reader = Reader()
+    x = torch.randn(2, 3, 5)
+    clean = reader(x)
+    opt = flatopt.FlatPerturb(
+        torch.optim.SGD(reader.parameters(), lr=0.1),
+        reader,
+        schedule="constant",
+        seed=0,
+        adapters=[lambda m: flatopt.Target(m, "conv.weight") if m is reader else None],
+    )
+    assert opt.targets == [("", (4, 3))]
+    weight = reader.conv.weight
+    with opt.perturbed():
+        noisy = reader(x)
+        noisy.sum().backward()
+    assert not torch.allclose(noisy, clean) and reader.conv.weight is weight
+    with pytest.raises(ValueError, match=r"Reader\.conv\.nope.*not a tensor"):
+        flatopt.FlatPerturb(
+            torch.optim.SGD(reader.parameters(), lr=0.1),
+            reader,
+            total_steps=3,
+            adapters=[lambda m: flatopt.Target(m, "conv.nope") if m is reader else None],
+        )

@@ -184,3 +184,39 @@ def test_a_quantized_weight_in_a_layer_of_unknown_form_is_refused_by_name():
             total_steps=3,
             adapters=[lambda m: flatopt.Target(m, "weight") if m is odd else None],
         )
+
+
+def test_a_quantized_weight_stored_transposed_gets_its_noise_along_the_output_rows():
+    g = torch.Generator().manual_seed(3)
+
+    class TransposedQuant(nn.Module):  # stores W as (fan_in, out), like GPT-2's Conv1D
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("weight", _quantize(torch.randn(9, 5, generator=g) * 0.3))
+
+        def forward(self, x):
+            return x @ self.weight.dequantize()
+
+    layer = TransposedQuant()
+    opt = flatopt.FlatPerturb(
+        torch.optim.SGD([nn.Parameter(torch.ones(1))]),
+        layer,
+        sigma=0.3,
+        schedule="constant",
+        seed=1,
+        adapters=[lambda m: flatopt.Target(m, "weight", None, True) if m is layer else None],
+    )
+    assert opt.targets == [("", (5, 9))]
+    x = torch.randn(4, 9, generator=g, requires_grad=True)
+    with opt.perturbed():
+        fast = layer(x)
+        fast.sum().backward()
+    fast_grad, x.grad = x.grad.clone(), None
+    weight = layer.weight.dequantize()
+    std = noise_std(weight, None, 0.3, transposed=True)
+    seed = derive_seed(1, 0, 0, 0, 0)
+    eps = draw_noise(weight, std, transposed=True, generator=torch.Generator(), seed=seed)
+    slow = x @ (weight + eps)
+    slow.sum().backward()
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast_grad, x.grad, rtol=1e-5, atol=1e-5)

@@ -192,17 +192,18 @@ def test_conv_lora_merged_follows_the_law(kind, dtype):
     check_round_trip(case.model, lambda: case.forward(case.model))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kind", ["conv1d", "conv2d"])
-def test_conv_lora_unmerged_is_refused_rather_than_silently_clean(kind):
-    case = build(kind, torch.float32)
-    with pytest.raises(ValueError, match=r"loralib Conv.d is unmerged.*without calling self.conv"):
-        wrap(case.model)
-    case.model.eval()
-    opt = wrap(case.model)
-    case.model.train()  # unmerges: from now on its forward would bypass the hooks
-    with pytest.raises(RuntimeError, match=r"loralib Conv.d is unmerged"):
-        opt.perturb()
-    assert not opt.is_perturbed
+def test_conv_lora_unmerged_follows_the_law_of_its_own_merge(kind, dtype):
+    case = build(kind, dtype)
+    merged = merged_logical(case)  # W + ΔW from loralib's own merge (on a copy)
+    plain = plain_logical(case)
+    opt = wrap(case.model, sigma=0.1)
+    assert opt.targets == [("0", (OUT, FAN_IN))]
+    # The whole ConvLoRA's output, clean and noisy: both include ΔW, so the difference is ε.
+    eps = case.to_logical(read_output_noise(opt, case.model[0], case.eye))
+    assert_law(eps, law_std(merged, 0.1), dtype, wrong=law_std(plain, 0.1))
+    check_round_trip(case.model, lambda: case.forward(case.model))
 
 
 def test_state_dict_keys_are_unchanged_by_wrapping():
