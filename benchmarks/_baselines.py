@@ -1,0 +1,230 @@
+"""The methods FlatPerturb is measured against, written plainly as baselines.
+
+Each baseline is a class with ``step(batches)``: one optimizer step over a list of
+micro-batches, each a zero-argument callable returning the micro-batch's loss. Gradients are
+accumulated over the micro-batches, then the optimizer steps and the gradients are zeroed.
+
+- `PlainLoRA`: no perturbation.
+- `InPlace`: the official Flat-LoRA code's mechanism. Before the first micro-batch every target
+  weight gets ``W.add_(ε)`` with ε drawn from a seeded generator; after the last backward
+  ``W.sub_(ε)`` with ε regenerated from the same seed. The weights stay perturbed across the
+  micro-batches, so it draws twice per step whatever the accumulation. The noise scale is
+  ``flatopt.noise.noise_std``, so only the mechanism differs from FlatPerturb. It is inexact:
+  the round trip does not give back W bit for bit (DESIGN §3).
+- `LoRASAM`: SAM on the LoRA factors only. Per micro-batch: forward/backward at the current A, B;
+  a gradient-ascent step ε_AB = ρ·g/‖g‖ on A and B; forward/backward at the perturbed A, B;
+  A, B restored by subtracting the ascent step, as the original SAM code does (A and B are not
+  the weights whose exactness flatopt guarantees); the second gradients are accumulated and the
+  optimizer steps with them.
+- `CopyRestore`: exact but heavy. It keeps a copy of every target weight, adds the noise in
+  place, and copies the clean weights back after the backward: bitwise exact, at the price of
+  one extra copy of all the target weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch import Tensor, nn
+
+from flatopt.adapters import Target, find_targets
+from flatopt.noise import derive_seed, noise_std, row_dim
+
+__all__ = ["CopyRestore", "InPlace", "LoRASAM", "PlainLoRA", "ThreadedFloor", "draw_floor"]
+
+Batches = Sequence[Callable[[], Tensor]]
+
+
+def _backward(batch: Callable[[], Tensor], scale: float) -> None:
+    (batch() * scale).backward()
+
+
+class PlainLoRA:
+    """Plain LoRA: forward + backward per micro-batch, then the optimizer step."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+
+    def step(self, batches: Batches) -> None:
+        for batch in batches:
+            _backward(batch, 1 / len(batches))
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+
+class _Noisy:
+    """Shared by the perturb-in-place baselines: the targets, their scale and seeds."""
+
+    def __init__(self, model: nn.Module, sigma: float, seed: int):
+        self.targets: list[Target] = [target for _, target in find_targets(model)]
+        self.sigma = sigma
+        self.seed = seed
+        self.num_steps = 0
+        self.generator = torch.Generator(device=self.targets[0].weight.device)
+        # ‖W_i‖² of the frozen weights, cached once as FlatPerturb caches it.
+        self.base_sq = []
+        for target in self.targets:
+            weight = target.weight
+            other = [d for d in range(weight.ndim) if d != row_dim(weight, target.transposed)]
+            with torch.no_grad():
+                norms = torch.linalg.vector_norm(weight, dim=other, dtype=torch.float32)
+            self.base_sq.append(norms.square())
+
+    def stds(self) -> list[Tensor]:
+        with torch.no_grad():
+            return [
+                noise_std(
+                    target.weight,
+                    target.delta() if target.delta is not None else None,
+                    self.sigma,
+                    transposed=target.transposed,
+                    base_sq=base_sq,
+                )
+                for target, base_sq in zip(self.targets, self.base_sq)
+            ]
+
+    def noise(self, index: int, target: Target, std: Tensor) -> Tensor:
+        """ε for target ``index`` at this step, regenerated bit for bit from its seed."""
+        weight = target.weight
+        self.generator.manual_seed(derive_seed(self.seed, self.num_steps, 0, index))
+        z = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+        z.normal_(generator=self.generator)
+        shape = [1] * weight.ndim
+        shape[row_dim(weight, target.transposed)] = -1
+        return z.mul_(std.view(shape).to(weight.dtype))
+
+
+class InPlace(_Noisy):
+    """The paper's in-place method: ``W.add_(ε)`` before, ``W.sub_(ε)`` after (inexact)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, sigma: float, seed: int):
+        super().__init__(model, sigma, seed)
+        self.optimizer = optimizer
+
+    @torch.no_grad()
+    def _shift(self, stds: list[Tensor], sign: int) -> None:
+        for index, (target, std) in enumerate(zip(self.targets, stds)):
+            epsilon = self.noise(index, target, std)
+            if sign > 0:
+                target.weight.add_(epsilon)
+            else:
+                target.weight.sub_(epsilon)
+
+    def step(self, batches: Batches) -> None:
+        stds = self.stds()
+        self._shift(stds, +1)
+        for batch in batches:
+            _backward(batch, 1 / len(batches))
+        self._shift(stds, -1)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.num_steps += 1
+
+
+class CopyRestore(_Noisy):
+    """Exact but heavy: a kept copy of every target weight, noise added in place, copy back."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, sigma: float, seed: int):
+        super().__init__(model, sigma, seed)
+        self.optimizer = optimizer
+
+    def step(self, batches: Batches) -> None:
+        stds = self.stds()
+        with torch.no_grad():
+            saved = [target.weight.clone() for target in self.targets]
+            for index, (target, std) in enumerate(zip(self.targets, stds)):
+                target.weight.add_(self.noise(index, target, std))
+        for batch in batches:
+            _backward(batch, 1 / len(batches))
+        with torch.no_grad():
+            for target, clean in zip(self.targets, saved):
+                target.weight.copy_(clean)
+        del saved
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.num_steps += 1
+
+
+class LoRASAM:
+    """SAM restricted to the LoRA factors: two forward/backward passes per micro-batch."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, rho: float = 0.05):
+        self.optimizer = optimizer
+        self.rho = rho
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def step(self, batches: Batches) -> None:
+        params, scale = self.params, 1 / len(batches)
+        accumulated: list[Tensor] | None = None
+        for batch in batches:
+            for p in params:
+                p.grad = None
+            _backward(batch, scale)
+            with torch.no_grad():
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+                ascent = torch._foreach_mul(grads, self.rho / (norm.item() + 1e-12))
+                torch._foreach_add_(params, ascent)
+            for p in params:
+                p.grad = None
+            _backward(batch, scale)
+            with torch.no_grad():
+                torch._foreach_sub_(params, ascent)
+                second = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                if accumulated is None:
+                    accumulated = second
+                else:
+                    torch._foreach_add_(accumulated, second)
+        for p, grad in zip(params, accumulated or []):
+            p.grad = grad
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+
+def draw_floor(weights: Sequence[Tensor], micro_batches: int, generator: torch.Generator) -> None:
+    """t_rng: draw 2 standard-normal tensors of every target's shape per micro-batch.
+
+    FlatPerturb never keeps the weights perturbed, so it must draw the noise for the forward and
+    regenerate it for the backward in every micro-batch: this is its floor.
+    """
+    for _ in range(micro_batches):
+        for weight in weights:
+            for draw in range(2):
+                generator.manual_seed(draw)
+                z = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+                z.normal_(generator=generator)
+
+
+class ThreadedFloor:
+    """t_rng on several threads: each tensor split into one row block per thread, each block
+    drawn by its own ``torch.Generator`` (a CPU generator is one sequential stream, one core).
+
+    Calling it with ``micro_batches`` draws 2 tensors of every target's shape per micro-batch,
+    as `draw_floor` does.
+    """
+
+    def __init__(self, weights: Sequence[Tensor], threads: int):
+        self.weights = list(weights)
+        self.generators = [torch.Generator() for _ in range(threads)]
+        self.pool = ThreadPoolExecutor(max(threads - 1, 1), thread_name_prefix="floor")
+
+    def __call__(self, micro_batches: int) -> None:
+        for _ in range(micro_batches):
+            for weight in self.weights:
+                for draw in range(2):
+                    z = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+                    parts = z.chunk(len(self.generators))
+
+                    def fill(
+                        index: int, parts: tuple[Tensor, ...] = parts, draw: int = draw
+                    ) -> None:
+                        generator = self.generators[index]
+                        generator.manual_seed(len(self.generators) * draw + index)
+                        parts[index].normal_(generator=generator)
+
+                    futures = [self.pool.submit(fill, i) for i in range(1, len(parts))]
+                    fill(0)
+                    for future in futures:
+                        future.result()
