@@ -10,7 +10,7 @@ accumulated over the micro-batches, then the optimizer steps and the gradients a
   ``W.sub_(ε)`` with ε regenerated from the same seed. The weights stay perturbed across the
   micro-batches, so it draws twice per step whatever the accumulation. The noise scale is
   ``flatopt.noise.noise_std``, so only the mechanism differs from FlatPerturb. It is inexact:
-  the round trip does not give back W bit for bit (DESIGN §3).
+  the round trip does not give back W bit for bit.
 - `LoRASAM`: SAM on the LoRA factors only. Per micro-batch: forward/backward at the current A, B;
   a gradient-ascent step ε_AB = ρ·g/‖g‖ on A and B; forward/backward at the perturbed A, B;
   A, B restored by subtracting the ascent step, as the original SAM code does (A and B are not

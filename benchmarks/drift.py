@@ -1,4 +1,4 @@
-"""Drift of "frozen" weights under in-place perturbation, against flatopt (DESIGN §3).
+"""Drift of "frozen" weights under in-place perturbation, against flatopt.
 
 The paper-style way to train on W + ε is ``W.add_(ε)`` before the forward and ``W.sub_(ε)``
 after the backward, with ε regenerated from its seed for the subtraction. In floating point

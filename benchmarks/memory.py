@@ -1,4 +1,4 @@
-"""Peak memory of one training step per method, each in a fresh process (DESIGN §4, §7).
+"""Peak memory of one training step per method, each in a fresh process.
 
 The model is the reference configuration of ``overhead.py``: a GPT-style decoder, d = 512,
 4 layers, LoRA (rank 8) on every linear layer of the blocks, 2048 tokens per step, AdamW.
@@ -21,10 +21,10 @@ intra-op thread (``--threads``). Each child runs ``--repeat`` times (3 by defaul
 interleaved order and the median is reported, since RSS is noisy.
 
 Reported per method: the memory after building the model, the peak of the two steps, and the
-extra peak over plain LoRA, in MiB and in units of the largest target weight's bytes (DESIGN §7:
-at most 1.0). For FlatPerturb, its persistent state: the bytes of every tensor the wrapper keeps
-between steps (the per-row noise std of each target, the cached ‖W_i‖² of each frozen weight)
-and of its generators' states. Seeds and the step counter are Python ints.
+extra peak over plain LoRA, in MiB and in units of the largest target weight's bytes (the
+target, docs/performance.md: at most 1.0). For FlatPerturb, its persistent state: the bytes of
+every tensor the wrapper keeps between steps (the per-row noise std of each target, the cached
+‖W_i‖² of each frozen weight) and of its generators' states. Seeds and the step counter are Python ints.
 
 Run, and smoke test (tiny model; lora, flat and copy once each, concurrently; seconds):
 

@@ -1,4 +1,4 @@
-"""Per-step time of FlatPerturb against plain LoRA, its baselines and the noise floor (DESIGN §7).
+"""Per-step time of FlatPerturb against plain LoRA, its baselines and the noise floor.
 
 Model: a GPT-style decoder (``_models.TinyGPT``): token and position embeddings, pre-LN blocks
 with causal self-attention (separate q, k, v, o ``nn.Linear``) and a 4x GELU MLP (fc1, fc2), a
@@ -28,10 +28,10 @@ AdamW step + zero_grad:
   generator is one sequential stream, so t_rng uses one core; this is the floor for a draw
   that uses them all, as flatopt's does on CPU.
 
-Reported ratios: flat / lora, flat / inplace, flat / sam and (flat − lora) / t_rng. DESIGN §7
-targets, at the reference configuration: (t_flat − t_lora) ≤ 1.10·t_rng, t_flat ≤ 1.0 ×
-inplace, t_flat ≤ 0.55 × sam. Wall-clock time (``time.perf_counter``) is the figure of merit;
-process-CPU time is recorded too. Every method trains the same LoRA factors in turn, each with
+Reported ratios: flat / lora, flat / inplace, flat / sam and (flat − lora) / t_rng. The targets
+(docs/performance.md), at the reference configuration: (t_flat − t_lora) ≤ 1.10·t_rng, t_flat ≤
+1.0 × inplace, t_flat ≤ 0.55 × sam. Wall-clock time (``time.perf_counter``) is the figure of
+merit; process-CPU time is recorded too. Every method trains the same LoRA factors in turn, each with
 its own AdamW. Before timing, the script checks that perturb() really changes the logits.
 
 ``--sweep`` runs the grid tokens per micro-batch {512, 2048, 8192} × width {256, 512, 1024} ×
@@ -421,7 +421,7 @@ def reference_table(cell: dict[str, Any]) -> str:
 
 
 def targets_check(cell: dict[str, Any]) -> str:
-    """DESIGN §7's time targets, on the medians of per-round ratios."""
+    """The time targets of docs/performance.md, on the medians of per-round ratios."""
     s = cell["summary"]
     checks = [
         ("(t_flat − t_lora) ≤ 1.10·t_rng", s["overhead_over_rng_paired_median"], 1.10),

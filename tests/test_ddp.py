@@ -1,5 +1,5 @@
-"""DESIGN §2 (Distributed): FlatPerturb under a real two-process DistributedDataParallel run,
-gloo on CPU, over the loopback interface only.
+"""FlatPerturb under a real two-process DistributedDataParallel run: gloo on CPU, over the
+loopback interface only.
 
 One spawn trains the same model on both ranks (different data per rank), with gradient
 accumulation under ``no_sync()``, once with ``rank_noise=True`` and once with ``False``. Each rank

@@ -1,6 +1,6 @@
 """Trainable full-rank targets through ``flatopt.dense``: Linear, Conv2d and Embedding.
 
-DESIGN §2 "Which layers": a dense target has ΔW = 0, so its forward sees W + ε with
+a dense target has ΔW = 0, so its forward sees W + ε with
 ε_ij = σ·‖W_i‖/√n·z_ij and its gradient is taken at W + ε; §3: W is never written, though it
 is trainable. An ``nn.Embedding`` is read as the linear map from a one-hot token: its logical
 rows are the embedding dims and n is the number of embeddings.

@@ -1,4 +1,4 @@
-"""DESIGN §3: after restore() every parameter and buffer is bitwise what it was; W is never
+"""Exactness: after restore() every parameter and buffer is bitwise what it was; W is never
 written, and the perturbed weights do not outlive the forward."""
 
 import weakref

@@ -1,4 +1,4 @@
-"""The noise law of DESIGN §2: schedules, seeds, row norms, and the law itself.
+"""The noise law: schedules, seeds, row norms, and the law itself.
 
 Statistical tests use fixed seeds, so they are deterministic; each tolerance is derived from the
 sample size in a comment next to it (6 standard errors unless said otherwise, i.e. a two-sided
@@ -339,7 +339,7 @@ def test_noise_std_is_sigma_row_norm_over_sqrt_fan_in_without_gradient(
     std = noise_std(weight, factor, sigma, transposed=transposed)
 
     expected = sigma * _dense_norms(logical, [factor]) / math.sqrt(n)
-    assert not std.requires_grad  # the row norms are constants (DESIGN §2)
+    assert not std.requires_grad  # the row norms are constants
     size = sigma * _condition(logical, [factor]) / math.sqrt(n)
     _assert_norms_close(std, expected, size, n + rank, torch.float64)
 

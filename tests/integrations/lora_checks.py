@@ -77,7 +77,7 @@ def _output(value) -> Tensor:
 
 
 def check_round_trip(model: nn.Module, forward: Callable[[], object], steps: int = 3):
-    """Train ``steps`` perturbed steps; the contract of DESIGN §3 holds all along."""
+    """Train ``steps`` perturbed steps; the exactness contract holds all along."""
     keys = list(model.state_dict())
     start, frozen = snapshot(model), frozen_names(model)
     opt = wrap(model, sigma=0.2, seed=11)
