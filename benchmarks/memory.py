@@ -24,7 +24,8 @@ Reported per method: the memory after building the model, the peak of the two st
 extra peak over plain LoRA, in MiB and in units of the largest target weight's bytes (the
 target, docs/performance.md: at most 1.0). For FlatPerturb, its persistent state: the bytes of
 every tensor the wrapper keeps between steps (the per-row noise std of each target, the cached
-‖W_i‖² of each frozen weight) and of its generators' states. Seeds and the step counter are Python ints.
+‖W_i‖² of each frozen weight) and of its generators' states. Seeds and the step counter are
+Python ints.
 
 Run, and smoke test (tiny model; lora, flat and copy once each, concurrently; seconds):
 

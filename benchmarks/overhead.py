@@ -31,8 +31,8 @@ AdamW step + zero_grad:
 Reported ratios: flat / lora, flat / inplace, flat / sam and (flat − lora) / t_rng. The targets
 (docs/performance.md), at the reference configuration: (t_flat − t_lora) ≤ 1.10·t_rng, t_flat ≤
 1.0 × inplace, t_flat ≤ 0.55 × sam. Wall-clock time (``time.perf_counter``) is the figure of
-merit; process-CPU time is recorded too. Every method trains the same LoRA factors in turn, each with
-its own AdamW. Before timing, the script checks that perturb() really changes the logits.
+merit; process-CPU time is recorded too. Every method trains the same LoRA factors in turn,
+each with its own AdamW. Before timing, the script checks that perturb() really changes the logits.
 
 ``--sweep`` runs the grid tokens per micro-batch {512, 2048, 8192} × width {256, 512, 1024} ×
 accumulation {1, 4} with 2 layers (``--layers`` overrides). A step costs about tokens per step ×
