@@ -198,7 +198,7 @@ def child_command(args: argparse.Namespace, method: str) -> list[str]:
 def run_children(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     """Every method ``args.repeat`` times, each in a fresh process, in rotating order."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    # The smoke run checks the code, not the figures: the three methods the issue compares.
+    # The smoke run checks the code, not the figures: plain LoRA, FlatPerturb and the copy.
     methods = ("lora", "flat", "copy") if args.smoke else METHODS
     runs: dict[str, list[dict[str, Any]]] = {method: [] for method in methods}
     for index in range(args.repeat):
