@@ -12,10 +12,10 @@ tabled on the docs' "Adapters" page. `FlatPerturb` tries them after any adapter 
 Example:
     >>> import torch
     >>> from flatopt.integrations import ADAPTERS
-    >>> [adapter.__name__ for adapter in ADAPTERS]
-    ['peft_lora', 'loralib_lora', 'parametrized_lora', 'torchtune_lora', 'litgpt_lora']
-    >>> [adapter(torch.nn.Linear(2, 2)) for adapter in ADAPTERS]  # not LoRA: no target
-    [None, None, None, None, None]
+    >>> ", ".join(adapter.__name__ for adapter in ADAPTERS)
+    'peft_lora, loralib_lora, parametrized_lora, torchtune_lora, litgpt_lora'
+    >>> any(adapter(torch.nn.Linear(2, 2)) for adapter in ADAPTERS)  # not LoRA: no target
+    False
 """
 
 from __future__ import annotations
