@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ._output import OutputSwap, dequantized, is_plain, layer_op
 from .adapters import Target
-from .noise import draw_noise, noise_std, perturbed_weight, row_dim
+from .noise import base_row_sq, draw_noise, noise_std, perturbed_weight, row_dim
 
 __all__ = ["Armed", "Generators", "Site", "build_sites"]
 
@@ -57,7 +57,6 @@ class Site:
         for target in self.readers:
             _slot(target.module)
         weight = self.target.weight
-        self.shape = tuple(weight.shape)
         rows = weight.shape[row_dim(weight, self.target.transposed)]
         self.logical_shape = (rows, weight.numel() // max(rows, 1))
         self._base_key: Optional[tuple[int, int]] = None
@@ -80,23 +79,16 @@ class Site:
 
     def std(self, sigma: float) -> Tensor:
         """The per-row noise std σ·‖W'_i‖/√n at the weights' current values."""
-        target, weight = self.target, self.target.weight
+        target, stored = self.target, self.target.weight
         with torch.no_grad():
             delta = target.delta() if target.delta is not None else None
-        if self.ops is not None:
-            with torch.no_grad():
-                weight = dequantized(weight)
+            weight = stored if self.ops is None else dequantized(stored)
         base_sq = None
         if not isinstance(delta, Tensor):
             # ‖W_i‖² is reused while W is unchanged: frozen base weights never pay it twice.
-            key = (self.target.weight._version, id(self.target.weight))
+            key = (stored._version, id(stored))
             if key != self._base_key:
-                dim = row_dim(weight, target.transposed)
-                other = [d for d in range(weight.ndim) if d != dim]
-                acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-                with torch.no_grad():
-                    self._base_sq = torch.linalg.vector_norm(weight, dim=other, dtype=acc).square()
-                self._base_key = key
+                self._base_sq, self._base_key = base_row_sq(weight, target.transposed), key
             base_sq = self._base_sq
         return noise_std(weight, delta, sigma, transposed=target.transposed, base_sq=base_sq)
 
@@ -319,6 +311,7 @@ class Armed:
         except BaseException:
             self.disarm()
             raise
+        self.size = len(self._swaps)  # how many (module, weight) pairs were armed
 
     @property
     def calls(self) -> int:

@@ -24,6 +24,7 @@ __all__ = [
     "BLOCK_ELEMENTS",
     "SCHEDULES",
     "LowRank",
+    "base_row_sq",
     "block_seed",
     "blocks",
     "derive_seed",
@@ -163,6 +164,19 @@ def _logical_matrix(weight: Tensor, transposed: bool) -> Tensor:
 
 
 @torch.no_grad()
+def base_row_sq(weight: Tensor, transposed: bool = False) -> Tensor:
+    """Return ‖W_i,:‖² per logical row, in fp32 (fp64 for fp64 weights), without upcasting W.
+
+    Example:
+        >>> base_row_sq(torch.tensor([[3.0, 4.0], [0.0, 1.0]]))
+        tensor([25.,  1.])
+    """
+    dim = row_dim(weight, transposed)
+    other = [d for d in range(weight.ndim) if d != dim]
+    return torch.linalg.vector_norm(weight, dim=other, dtype=_accumulate_dtype(weight)).square()
+
+
+@torch.no_grad()
 def row_norms(
     weight: Tensor,
     delta: Delta = None,
@@ -188,13 +202,10 @@ def row_norms(
         tensor([5., 1.])
     """
     acc = _accumulate_dtype(weight)
-    dim = row_dim(weight, transposed)
-    other = [d for d in range(weight.ndim) if d != dim]
     if isinstance(delta, Tensor):
-        merged = weight.to(acc) + delta.to(acc)
-        return torch.linalg.vector_norm(merged, dim=other)
+        return base_row_sq(weight.to(acc) + delta.to(acc), transposed).sqrt_()
     if base_sq is None:
-        base_sq = torch.linalg.vector_norm(weight, dim=other, dtype=acc).square()
+        base_sq = base_row_sq(weight, transposed)
     factors = [delta] if isinstance(delta, LowRank) else list(delta or ())
     if not factors:
         return base_sq.sqrt()

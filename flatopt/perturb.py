@@ -163,7 +163,6 @@ class FlatPerturb(torch.optim.Optimizer):
         self._sites = build_sites(find_targets(model, adapters))
         self._generators = Generators()
         self._armed: Optional[Armed] = None
-        self._armed_sites = False
         self._stds: Optional[tuple[int, list[Tensor]]] = None  # (step, per-site std)
 
         # The Optimizer plumbing, without registering the parameters a second time.
@@ -265,7 +264,6 @@ class FlatPerturb(torch.optim.Optimizer):
         rank = _rank() if self._rank_noise else 0
         seeds = [derive_seed(self._seed, self._step, draw, site.index, rank) for site in sites]
         self._armed = Armed(sites, stds, seeds, self._generators)
-        self._armed_sites = bool(sites)
         self._draw += 1
 
     def restore(self) -> None:
@@ -285,7 +283,7 @@ class FlatPerturb(torch.optim.Optimizer):
         armed, self._armed = self._armed, None
         ran = armed.calls
         armed.disarm()
-        if warn and self._armed_sites and ran == 0:
+        if warn and armed.size and ran == 0:
             warnings.warn(
                 "No target layer ran between perturb() and restore(), so nothing was "
                 "perturbed. Run the forward in between, and call modules as module(x) (their "
