@@ -31,6 +31,15 @@ def train(rank: int, world_size: int, steps: int) -> None:
     dist.init_process_group(
         "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60)
     )
+    try:
+        # DDP and the optimizers live in run(): they are gone before the process group is.
+        run(rank, world_size, steps)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run(rank: int, world_size: int, steps: int) -> None:
     torch.manual_seed(0)  # the same initial model on every rank (DDP also broadcasts rank 0's)
     model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 4))
     add_lora(model, ["0", "2"], rank=4, alpha=8)
@@ -58,7 +67,6 @@ def train(rank: int, world_size: int, steps: int) -> None:
     assert all(torch.equal(mine, other) for other in everyone), "the ranks diverged"
     if rank == 0:
         print(f"{world_size} ranks, {opt.num_steps} steps, sigma_t {opt.sigma:.4f}: in sync.")
-    dist.destroy_process_group()
 
 
 def spawn_locally(world_size: int, steps: int) -> None:
