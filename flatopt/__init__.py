@@ -11,10 +11,11 @@ Example:
     [('0', (8, 8))]
 """
 
-from . import lora, noise
-from .adapters import Target, dense, register_adapter
+from . import integrations, lora, noise
+from ._arming import remove_hooks
+from .adapters import Target, dense, register_adapter, unregister_adapter
 from .noise import LowRank
-from .perturb import FlatPerturb
+from .perturb import FlatPerturb, unwrap
 from .sharpness import Sharpness, sharpness
 
 __all__ = [
@@ -23,10 +24,14 @@ __all__ = [
     "Sharpness",
     "Target",
     "dense",
+    "integrations",
     "lora",
     "noise",
     "register_adapter",
+    "remove_hooks",
     "sharpness",
+    "unregister_adapter",
+    "unwrap",
 ]
 
 __version__ = "0.1.0"

@@ -1,100 +1,204 @@
 """How a layer's forward sees W + ε while W itself is never written.
 
-While armed, a forward pre-hook swaps the tensor the module reads for a fresh W + ε, and the
-forward hook swaps W back. Whatever autograd saves of W + ε is packed into a small token and
-regenerated bit for bit from the seed when backward needs it, so no perturbed weight lives
-from the forward to the backward.
+Every target module carries two small forward hooks, installed once. While a perturbation is
+armed, the pre-hook swaps the tensor the module reads for a fresh W + ε and the forward hook
+swaps W back. Whatever autograd saves of W + ε is packed into a small token and regenerated bit
+for bit from the seed when backward needs it, so no perturbed weight lives from the forward to
+the backward. Unarmed, the hooks return after one attribute test.
+
+The hooks are instances of module-level classes, so a model carrying them pickles and
+deep-copies; a copy gets fresh, empty hooks.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
 
-from ._output import OutputSwap, dequantized, is_plain, layer_op
+from ._output import OutputNoise, dequantized, is_dtensor, is_plain, layer_op
 from .adapters import Target
 from .noise import base_row_sq, draw_noise, noise_std, perturbed_weight, row_dim
 
-__all__ = ["Armed", "Generators", "Site", "build_sites"]
+__all__ = [
+    "Arming",
+    "Generators",
+    "Site",
+    "build_sites",
+    "drop_hooks",
+    "find_slot",
+    "remove_hooks",
+]
 
-_top_saved_tensors_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+_C = torch._C._autograd
+_push_hooks = _C._push_saved_tensors_default_hooks
+_pop_hooks = _C._pop_saved_tensors_default_hooks
+_top_hooks = getattr(_C, "_top_saved_tensors_default_hooks", None)
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+_is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
 
 
-def _read(target: Target) -> Tensor:
-    module, name = target.owner()
-    for store in (module._parameters, module._buffers):
-        if name in store:
-            return store[name]
-    return module.__dict__[name]
+def _owner(module: nn.Module, param_name: str) -> tuple[nn.Module, str]:
+    path, _, name = param_name.rpartition(".")
+    return (module.get_submodule(path) if path else module), name
 
 
-def _write(target: Target, value: Tensor) -> None:
-    module, name = target.owner()
-    for store in (module._parameters, module._buffers):
+def _read(owner: nn.Module, name: str) -> Tensor:
+    value = owner._parameters.get(name)
+    if value is None:
+        value = owner._buffers.get(name)
+        if value is None:
+            value = owner.__dict__[name]
+    return value
+
+
+def _write(owner: nn.Module, name: str, value: Tensor) -> None:
+    for store in (owner._parameters, owner._buffers):
         if name in store:
             store[name] = value
             return
-    module.__dict__[name] = value
+    owner.__dict__[name] = value
+
+
+def _full(delta: Any) -> Any:
+    """ΔW with any factor still sharded (a DTensor: its own FSDP unit) gathered whole."""
+    if isinstance(delta, (list, tuple)):
+        return [_full(d) for d in delta]
+    if is_dtensor(delta):
+        return delta.full_tensor()
+    B, A = getattr(delta, "B", None), getattr(delta, "A", None)
+    if is_dtensor(B) or is_dtensor(A):
+        return type(delta)(_full(B), _full(A), delta.scale)
+    return delta
+
+
+def _cache_key(weight: Tensor) -> Optional[tuple]:
+    """What ‖W_i‖² depends on: the object, its version, its storage, layout, dtype, device."""
+    if weight.layout != torch.strided or not is_plain(weight):
+        return None
+    return (
+        id(weight),
+        weight._version,
+        weight.data_ptr(),
+        weight.shape,
+        weight.stride(),
+        weight.dtype,
+        weight.device,
+    )
+
+
+class Reader:
+    """One module that reads a site's weight: where the tensor lives and where it was found."""
+
+    def __init__(self, name: str, target: Target, path: Sequence[tuple[nn.Module, str, nn.Module]]):
+        self.name = name
+        self.target = target
+        self.owner, self.attr = _owner(target.module, target.param_name)
+        self.path = tuple(path)  # (parent, child name, child) links from the root to the owner
+        self.slot = _slot(target.module)
+        self._ops: dict[type, Any] = {}
+        padding = getattr(self.owner, "padding_idx", None)
+        embedding = isinstance(self.owner, (nn.Embedding, nn.EmbeddingBag))
+        self.keep = padding if embedding and padding is not None else None
+
+    def read(self) -> Tensor:
+        return _read(self.owner, self.attr)
+
+    def in_place(self) -> bool:
+        """The module is still where it was found, reached through the same parents."""
+        return all(parent._modules.get(name) is child for parent, name, child in self.path)
+
+    def op(self, weight: Tensor) -> Any:
+        """The layer as a function of its weight, for output-side noise (quantized weights)."""
+        kind = type(weight)
+        if kind not in self._ops:
+            self._ops[kind] = layer_op(self.owner, weight, self.target.transposed)
+        return self._ops[kind]
 
 
 class Site:
-    """One perturbed weight: its name, index, layout, the targets that read it (several for
+    """One perturbed weight: its name, index, layout, the modules that read it (several for
     tied weights, all seeing the same ε) and a cache of its base row norms."""
 
-    def __init__(self, index: int, name: str, targets: Sequence[Target]):
+    def __init__(self, index: int, name: str, readers: Sequence[Reader]):
         self.index = index
         self.name = name
-        self.target = targets[0]
-        self.readers = tuple(targets)
-        for target in self.readers:
-            _slot(target.module)
-        weight = self.target.weight
-        rows = weight.shape[row_dim(weight, self.target.transposed)]
+        self.readers = tuple(readers)
+        self.target = self.readers[0].target
+        self.transposed = self.target.transposed
+        weight = self.readers[0].read()
+        rows = weight.shape[row_dim(weight, self.transposed)]
         self.logical_shape = (rows, weight.numel() // max(rows, 1))
-        self._base_key: Optional[tuple[int, int]] = None
+        self._base_key: Optional[tuple] = None
         self._base_sq: Optional[Tensor] = None
-        # A weight that cannot be added to (quantized) gets its noise on the output side.
-        self.ops = (
-            None
-            if is_plain(weight)
-            else [layer_op(t.owner()[0], weight, t.transposed) for t in targets]
-        )
-        if self.ops is not None and (None in self.ops or dequantized(weight) is None):
-            module = self.readers[self.ops.index(None) if None in self.ops else 0].module
+        if not is_plain(weight) and not is_dtensor(weight):
+            for reader in self.readers:
+                self._check_quantized(reader, weight)
+
+    def _check_quantized(self, reader: Reader, weight: Tensor) -> Any:
+        op = reader.op(weight)
+        if op is None or dequantized(weight) is None:
             raise ValueError(
-                f"Module {name!r}: {type(module).__name__}.{self.target.param_name} is a "
-                f"{type(weight).__name__} of dtype {weight.dtype}. flatopt adds ε to plain "
-                "floating weights, and applies it on the output side for quantized weights of "
-                "linear, conv and embedding layers that can be dequantized (.dequantize()); "
-                "this one is neither. Exclude the layer, or dequantize its base weight."
+                f"Module {reader.name!r}: {type(reader.target.module).__name__}."
+                f"{reader.target.param_name} is a {type(weight).__name__} of dtype "
+                f"{weight.dtype}. flatopt adds ε to plain floating weights, and applies it on "
+                "the output side for quantized weights of linear, conv and embedding layers "
+                "that can be dequantized (.dequantize()); this one is neither. Exclude the "
+                "layer, or dequantize its base weight."
             )
+        return op
 
-    def std(self, sigma: float) -> Tensor:
-        """The per-row noise std σ·‖W'_i‖/√n at the weights' current values."""
-        target, stored = self.target, self.target.weight
+    def std(self, sigma: float, weight: Tensor) -> Tensor:
+        """The per-row noise std σ·‖W'_i‖/√n, from ``weight`` (the tensor the forward reads)."""
+        target = self.target
         with torch.no_grad():
-            delta = target.delta() if target.delta is not None else None
-            weight = stored if self.ops is None else dequantized(stored)
-        base_sq = None
-        if not isinstance(delta, Tensor):
-            # ‖W_i‖² is reused while W is unchanged: frozen base weights never pay it twice.
-            key = (stored._version, id(stored))
-            if key != self._base_key:
-                self._base_sq, self._base_key = base_row_sq(weight, target.transposed), key
-            base_sq = self._base_sq
-        return noise_std(weight, delta, sigma, transposed=target.transposed, base_sq=base_sq)
+            delta = _full(target.delta()) if target.delta is not None else None
+            dense = weight if is_plain(weight) else dequantized(weight)
+            base_sq = None
+            if not isinstance(delta, Tensor) and not weight.requires_grad:
+                # ‖W_i‖² of a frozen weight is reused while the weight is unchanged.
+                key = _cache_key(weight)
+                if key is None or key != self._base_key:
+                    self._base_sq = base_row_sq(dense, self.transposed)
+                    self._base_key = key
+                base_sq = self._base_sq
+            return noise_std(dense, delta, sigma, transposed=self.transposed, base_sq=base_sq)
 
 
-def build_sites(found: Sequence[tuple[str, Target]]) -> list[Site]:
-    """Group the adapters' targets by the weight they read: one site per distinct weight."""
+def _path(
+    roots: Sequence[nn.Module], indexed: bool, name: str, param_name: str
+) -> list[tuple[nn.Module, str, nn.Module]]:
+    """The (parent, child name, child) links from the scanned root to a weight's owner."""
+    if not roots:
+        return []
+    if indexed:  # an iterable of modules: names start with the module's index
+        head, _, name = name.partition(".")
+        module = roots[int(head)]
+    else:
+        module = roots[0]
+    parts = [p for p in name.split(".") if p] + param_name.split(".")[:-1]
+    path = []
+    for part in parts:
+        child = module._modules[part]
+        path.append((module, part, child))
+        module = child
+    return path
+
+
+def build_sites(
+    found: Sequence[tuple[str, Target]], roots: Sequence[nn.Module] = (), indexed: bool = False
+) -> list[Site]:
+    """Group the adapters' targets by the weight they read: one site per distinct weight.
+
+    ``roots`` are the scanned modules (``indexed``: names start with the root's index), so that
+    each target module can be checked later to be still where it was found.
+    """
     groups: dict[int, list[tuple[str, Target]]] = {}
     for name, target in found:
         groups.setdefault(id(target.weight), []).append((name, target))
@@ -105,23 +209,249 @@ def build_sites(found: Sequence[tuple[str, Target]]) -> list[Site]:
             if other.transposed != first.transposed:
                 raise ValueError(
                     f"Modules {name!r} and {other_name!r} share one weight but their adapters "
-                    "disagree on transposed=; a tied weight needs one layout for its rows."
+                    "disagree on transposed=. A tied weight needs one layout for its rows: "
+                    "claim it once (e.g. flatopt.dense(model.embed) and not the tied head), "
+                    "or pass the same transposed= to both."
                 )
-        readers: dict[tuple[int, str], Target] = {}  # two claims on one module count once
-        for _, target in group:
-            readers.setdefault((id(target.module), target.param_name), target)
+        readers: dict[tuple[int, str], Reader] = {}  # two claims on one module count once
+        for reader_name, target in group:
+            key = (id(target.module), target.param_name)
+            if key not in readers:
+                path = _path(roots, indexed, reader_name, target.param_name)
+                readers[key] = Reader(reader_name, target, path)
         sites.append(Site(index, name, list(readers.values())))
     return sites
+
+
+# -- the hooks ------------------------------------------------------------------------------
+
+
+class _Slot:
+    """flatopt's state on one module: the swaps armed on it and the calls now in flight.
+
+    A pickled or copied slot comes back empty: what is armed belongs to the original model.
+    """
+
+    __slots__ = ("__weakref__", "auto", "frames", "installed", "owner", "swaps")
+
+    def __init__(self) -> None:
+        self.swaps: dict[str, _Swap] = {}  # param name -> the armed swap
+        self.frames: list[list[Any]] = []  # one entry per call in flight
+        self.auto = False  # a FlatPerturb(auto=True) arms itself from this module's forward
+        self.owner: Optional[weakref.ref] = None
+        self.installed = True
+
+    def __reduce__(self) -> tuple:
+        return (_Slot, ())
+
+
+class _PreHook:
+    """The forward pre-hook: swaps W + ε in while armed; a single test while not."""
+
+    __slots__ = ("slot",)
+
+    def __init__(self, slot: _Slot):
+        self.slot = slot
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        slot = self.slot
+        if slot.swaps or (slot.auto and module.training):
+            _pre(slot, module)
+
+    def __reduce__(self) -> tuple:
+        return (_PreHook, (self.slot,))
+
+
+class _PostHook:
+    """The forward hook: puts W back (and adds output-side noise for quantized weights)."""
+
+    __slots__ = ("slot",)
+
+    def __init__(self, slot: _Slot):
+        self.slot = slot
+
+    def __call__(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
+        if self.slot.frames:
+            return _post(self.slot, module, args, kwargs, output)
+        return None
+
+    def __reduce__(self) -> tuple:
+        return (_PostHook, (self.slot,))
+
+
+def _not_compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    # torch.compile must run the armed path eagerly: it draws noise and enters saved-tensor
+    # hooks. The unarmed test in the hooks above is plain Python that compiles away.
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(fn) if disable is not None else fn
+
+
+@_not_compiled
+def _pre(slot: _Slot, module: nn.Module) -> None:
+    if slot.frames:
+        _unwind(slot)  # a forward interrupted by a non-Exception left its W + ε behind
+    if not slot.swaps:
+        owner = slot.owner() if slot.owner is not None else None
+        if owner is None:
+            slot.auto = False
+            return
+        owner.auto_arm()
+        if not slot.swaps:
+            return
+    frame = []
+    try:
+        for swap in slot.swaps.values():
+            frame.append(swap.pre(module))
+    except BaseException:
+        _undo(frame)
+        raise
+    slot.frames.append(frame)
+
+
+@_not_compiled
+def _post(slot: _Slot, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
+    frame = slot.frames.pop()
+    for entry in reversed(frame):
+        if entry is not None:
+            output = entry.swap.post(entry, args, kwargs, output)
+    return output
+
+
+def _undo(frame: list[Any]) -> None:
+    for entry in reversed(frame):
+        if entry is not None:
+            entry.swap.unwind(entry)
+
+
+def _unwind(slot: _Slot) -> None:
+    while slot.frames:
+        _undo(slot.frames.pop())
+
+
+def find_slot(module: nn.Module) -> Optional[_Slot]:
+    """The slot of flatopt's hooks on ``module``, or None if it has none."""
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, _PreHook):
+            return hook.slot
+    return None
+
+
+def _slot(module: nn.Module) -> _Slot:
+    slot = find_slot(module)
+    if slot is None:
+        slot = _Slot()
+        module.register_forward_pre_hook(_PreHook(slot))
+        module.register_forward_hook(_PostHook(slot), with_kwargs=True, always_call=True)
+    return slot
+
+
+def remove_hooks(model: nn.Module) -> int:
+    """Take flatopt's forward hooks off every module of ``model``; return how many modules.
+
+    A FlatPerturb built on the model stops perturbing it: its next `perturb` raises, and with
+    ``auto=True`` its next ``step()`` warns that nothing was perturbed. Build a new FlatPerturb
+    to perturb the model again.
+
+    Raises:
+        RuntimeError: a perturbation is armed on the model (restore it first).
+
+    Example:
+        >>> import flatopt
+        >>> from flatopt.lora import add_lora
+        >>> net = add_lora(torch.nn.Sequential(torch.nn.Linear(4, 4)), ["0"], rank=2)
+        >>> opt = flatopt.FlatPerturb(torch.optim.SGD(net.parameters(), lr=0.1), net, sigma=0.1,
+        ...                           schedule="constant")
+        >>> flatopt.remove_hooks(net)
+        1
+    """
+    modules = [model] if isinstance(model, nn.Module) else list(model)
+    found = []
+    for root in modules:
+        for module in root.modules():
+            slot = find_slot(module)
+            if slot is not None:
+                if slot.swaps or slot.frames:
+                    raise RuntimeError(
+                        "remove_hooks() while a perturbation is armed on the model; call "
+                        "opt.restore() (or leave `with opt.perturbed():`) first."
+                    )
+                found.append((module, slot))
+    for root in modules:
+        for key in [k for k, h in root._forward_pre_hooks.items() if isinstance(h, _RootHook)]:
+            del root._forward_pre_hooks[key]
+    for module, _ in found:
+        drop_hooks(module)
+    return len(found)
+
+
+def drop_hooks(module: nn.Module) -> None:
+    """Take flatopt's two hooks off one module (nothing may be armed on it)."""
+    slot = find_slot(module)
+    for hooks in (module._forward_pre_hooks, module._forward_hooks):
+        for key in [k for k, h in hooks.items() if isinstance(h, (_PreHook, _PostHook))]:
+            del hooks[key]
+            for extra in (
+                "_forward_hooks_with_kwargs",
+                "_forward_hooks_always_called",
+                "_forward_pre_hooks_with_kwargs",
+            ):
+                getattr(module, extra, {}).pop(key, None)
+    if slot is not None:
+        slot.installed = False
+        slot.auto = False
+        slot.swaps.clear()
+
+
+class _RootHook:
+    """On the model itself, for ``auto=True, resample="call"``: each training forward of the
+    model starts a new draw, as one perturb() per micro-batch would. A copy is inert."""
+
+    __slots__ = ("owner",)
+
+    def __init__(self, owner: Any = None):
+        self.owner = weakref.ref(owner) if owner is not None else None
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        if module.training and self.owner is not None:
+            _next_draw(self)
+
+    def __reduce__(self) -> tuple:
+        return (_RootHook, ())
+
+
+@_not_compiled
+def _next_draw(hook: _RootHook) -> None:
+    owner = hook.owner()
+    if owner is not None and outside_backward():
+        owner.next_draw()
+
+
+def root_hook(model: nn.Module, owner: Any) -> None:
+    """Install the `_RootHook` of ``owner`` on ``model``, replacing an inert one."""
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if isinstance(hook, _RootHook):
+            del model._forward_pre_hooks[key]
+    model.register_forward_pre_hook(_RootHook(owner))
+
+
+def outside_backward() -> bool:
+    """True unless autograd is running a backward (e.g. re-running a checkpointed forward)."""
+    return _graph_task_id() == -1
+
+
+# -- one armed weight -----------------------------------------------------------------------
 
 
 class _Token(NamedTuple):
     """What autograd keeps of W + ε: enough to regenerate it, and the view's geometry."""
 
-    noise: _Noise
+    noise: Noise
     weight: Tensor
+    version: int
     size: torch.Size
     stride: tuple[int, ...]
     offset: int
+    name: str
 
 
 class _Outer(NamedTuple):
@@ -131,14 +461,24 @@ class _Outer(NamedTuple):
     packed: Any
 
 
-class _Noise:
-    """One weight's noise for one arming: its std, seed, generator and layout."""
+class Noise:
+    """One weight's noise for one draw: its std, seed, generator, layout and kept row."""
 
-    def __init__(self, std: Tensor, seed: int, generator: torch.Generator, transposed: bool):
+    __slots__ = ("generator", "keep", "seed", "std", "transposed")
+
+    def __init__(
+        self,
+        std: Tensor,
+        seed: int,
+        generator: torch.Generator,
+        transposed: bool,
+        keep: Optional[int] = None,
+    ):
         self.std = std
         self.seed = seed
         self.generator = generator
         self.transposed = transposed
+        self.keep = keep
 
     def epsilon(self, weight: Tensor, dtype: torch.dtype) -> Tensor:
         """ε itself, drawn in ``dtype``: for quantized weights, which have no float dtype."""
@@ -149,6 +489,7 @@ class _Noise:
             generator=self.generator,
             seed=self.seed,
             dtype=dtype,
+            keep=self.keep,
         )
         return eps.to(dtype)
 
@@ -160,6 +501,7 @@ class _Noise:
             generator=self.generator,
             seed=self.seed,
             run=_parallel,
+            keep=self.keep,
         )
 
 
@@ -167,7 +509,7 @@ class _PerturbedWeight(torch.autograd.Function):
     """W + ε for a trainable W: the gradient reaching W is the one taken at W + ε."""
 
     @staticmethod
-    def forward(ctx: Any, weight: Tensor, noise: _Noise) -> Tensor:
+    def forward(ctx: Any, weight: Tensor, noise: Noise) -> Tensor:
         return noise.apply(weight)
 
     @staticmethod
@@ -175,66 +517,147 @@ class _PerturbedWeight(torch.autograd.Function):
         return grad, None
 
 
+class _Entry:
+    """One call in flight of one armed weight: what to put back after it."""
+
+    __slots__ = ("hooks", "perturbed", "swap", "weight")
+
+    def __init__(self, swap: _Swap, weight: Tensor, perturbed: Optional[Tensor], hooks: Any):
+        self.swap = swap
+        self.weight = weight
+        self.perturbed = perturbed
+        self.hooks = hooks
+
+
 class _Swap:
-    """One armed target: swaps W + ε in for the length of each call of its module."""
+    """One armed (module, weight) pair: swaps W + ε in for the length of each call."""
 
-    def __init__(self, target: Target, noise: _Noise):
-        self.target = target
-        self.noise = noise
-        self.calls = 0
-        self.stack: list[tuple[Tensor, Any]] = []
+    __slots__ = ("arming", "reader", "site")
 
-    def pre(self, module: nn.Module, args: Any) -> None:
-        weight = _read(self.target)
+    def __init__(self, arming: Arming, site: Site, reader: Reader):
+        self.arming = arming
+        self.site = site
+        self.reader = reader
+
+    def pre(self, module: nn.Module) -> Optional[_Entry]:
+        arming = self.arming
+        if arming.auto and not module.training:
+            return None  # drop-in mode: evaluation sees W
+        reader = self.reader
+        weight = reader.read()
+        if not is_plain(weight):
+            if is_dtensor(weight):
+                raise RuntimeError(
+                    f"Module {reader.name!r}: its weight is still a sharded DTensor inside its "
+                    "forward (tensor parallelism?). flatopt perturbs whole rows of the weight "
+                    "the forward reads: FSDP2 (fully_shard) is supported, tensor-parallel "
+                    "sharding is not."
+                )
+            self.site._check_quantized(reader, weight)
+            arming.calls += 1
+            return _Entry(self, weight, None, None)  # output-side noise, added in post
+        noise = arming.noise(self.site, weight)
         if weight.requires_grad and torch.is_grad_enabled():
-            perturbed = _PerturbedWeight.apply(weight, self.noise)
+            perturbed = _PerturbedWeight.apply(weight, noise)
         else:
-            perturbed = self.noise.apply(weight)
-        hooks = torch.autograd.graph.saved_tensors_hooks(self._packer(weight, perturbed), _unpack)
-        _write(self.target, perturbed)
-        hooks.__enter__()
-        self.stack.append((weight, hooks))
-        self.calls += 1
+            perturbed = noise.apply(weight)
+        pack = _packer(noise, weight, perturbed, reader.name)
+        _push_hooks(pack, _unpack)
+        entry = _Entry(self, weight, perturbed, pack)
+        try:
+            _write(reader.owner, reader.attr, perturbed)
+        except BaseException:
+            _pop_hooks()
+            raise
+        arming.calls += 1
+        return entry
 
-    def post(self, module: nn.Module, args: Any, output: Any) -> Any:
-        weight, hooks = self.stack.pop()
-        hooks.__exit__(None, None, None)
-        _write(self.target, weight)
+    def post(self, entry: _Entry, args: Any, kwargs: Any, output: Any) -> Any:
+        if entry.perturbed is None:
+            return self._output_noise(entry.weight, args, kwargs, output)
+        _pop_hooks()
+        reader = self.reader
+        # Write W back only if the module still holds our W + ε (FSDP may have resharded it).
+        if _read(reader.owner, reader.attr) is entry.perturbed:
+            _write(reader.owner, reader.attr, entry.weight)
         return output
 
-    def unwind(self) -> None:
-        """Undo swaps that a failed forward left behind (its forward hook did not run)."""
-        while self.stack:
-            weight, hooks = self.stack.pop()
-            _write(self.target, weight)
-            # A forward re-run inside backward entered its hooks in autograd's own copy of the
-            # thread state, which is gone by now: pop them only if they are still on top.
-            top = _top_saved_tensors_hooks(False) if _top_saved_tensors_hooks else None
-            if top is not None and top[0] is hooks.pack_hook:
-                hooks.__exit__(None, None, None)
+    def unwind(self, entry: _Entry) -> None:
+        """Undo a call whose forward hook did not run (an interrupted forward)."""
+        if entry.perturbed is None:
+            return
+        reader = self.reader
+        if _read(reader.owner, reader.attr) is entry.perturbed:
+            _write(reader.owner, reader.attr, entry.weight)
+        # A forward re-run inside backward entered its hooks in autograd's own copy of the
+        # thread state, which is gone by now: pop them only if they are still on top.
+        top = _top_hooks(False) if _top_hooks is not None else None
+        if top is not None and top[0] is entry.hooks:
+            _pop_hooks()
 
-    def _packer(self, weight: Tensor, perturbed: Tensor) -> Callable[[Tensor], Any]:
-        # Only plain facts about W + ε are captured: holding the tensor would keep it alive.
-        noise, ptr = self.noise, perturbed.untyped_storage().data_ptr()
-        device, dtype = perturbed.device, perturbed.dtype
-        outer = _top_saved_tensors_hooks(False) if _top_saved_tensors_hooks else None
+    def _output_noise(self, weight: Tensor, args: Any, kwargs: Any, output: Any) -> Any:
+        x = args[0] if args else kwargs.get("input")
+        if output is None or x is None:
+            if output is None:
+                return output
+            raise TypeError(
+                f"Module {self.reader.name!r} was called without its input tensor as the first "
+                "argument or input=...; flatopt's output-side noise for quantized weights needs "
+                "the layer's input."
+            )
+        if not isinstance(output, Tensor):
+            raise TypeError(
+                f"{type(self.reader.owner).__name__} returned {type(output).__name__}; "
+                "flatopt's output-side noise for quantized weights needs a layer that returns "
+                "one tensor."
+            )
+        dtype = output.dtype if output.is_floating_point() else torch.get_default_dtype()
+        noise = self.arming.noise(self.site, weight)
+        op = self.reader.op(weight)
+        return output + OutputNoise.apply(x, lambda d: noise.epsilon(weight, d), op, dtype)
 
-        def pack(saved: Tensor) -> Any:
-            if (
-                saved.device == device
-                and saved.dtype == dtype
-                and saved.untyped_storage().data_ptr() == ptr
-            ):
-                return _Token(noise, weight, saved.size(), saved.stride(), saved.storage_offset())
-            if outer is not None:
-                return _Outer(outer[1], outer[0](saved))
-            return saved
 
-        return pack
+def _packer(noise: Noise, weight: Tensor, perturbed: Tensor, name: str) -> Callable:
+    # Only plain facts about W + ε are captured: holding the tensor would keep it alive.
+    ptr, device, dtype = perturbed.data_ptr(), perturbed.device, perturbed.dtype
+    version = weight._version
+    outer = _top_hooks(False) if _top_hooks is not None else None
+
+    def pack(saved: Tensor) -> Any:
+        if (
+            saved.dtype == dtype
+            and saved.device == device
+            and saved.layout == torch.strided
+            and not saved.is_nested
+            and not _is_wrapped(saved)
+            and saved.data_ptr() - saved.storage_offset() * saved.element_size() == ptr
+        ):
+            return _Token(
+                noise,
+                weight,
+                version,
+                saved.size(),
+                saved.stride(),
+                saved.storage_offset(),
+                name,
+            )
+        if outer is not None:
+            return _Outer(outer[1], outer[0](saved))
+        return saved
+
+    return pack
 
 
 def _unpack(packed: Any) -> Tensor:
     if isinstance(packed, _Token):
+        if packed.weight._version != packed.version:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an "
+                f"inplace operation: the weight of {packed.name!r}, from which flatopt "
+                f"regenerates W + ε, is at version {packed.weight._version}; expected version "
+                f"{packed.version} instead. Do not modify the weight between forward and "
+                "backward."
+            )
         with torch.no_grad():
             full = packed.noise.apply(packed.weight)
         return full.as_strided(packed.size, packed.stride, packed.offset)
@@ -243,88 +666,80 @@ def _unpack(packed: Any) -> Tensor:
     return packed
 
 
-def _not_compiled(fn: Callable[..., None]) -> Callable[..., None]:
-    # torch.compile must run these hooks eagerly: they draw noise and enter saved-tensor hooks.
-    disable = getattr(getattr(torch, "compiler", None), "disable", None)
-    return disable(fn) if disable is not None else fn
+# -- one arming -----------------------------------------------------------------------------
 
 
-class _Slot:
-    """flatopt's two forward hooks on one module. They are installed once, when a target is
-    first found, so that a ``torch.compile``'d model sees them; they do nothing unless armed."""
+class Arming:
+    """The live perturbation of a set of sites; `disarm` removes every trace of it.
 
-    def __init__(self) -> None:
-        self.swaps: dict[str, Union[_Swap, OutputSwap]] = {}
-        self.pre = _not_compiled(self._pre)
-        self.post = _not_compiled(self._post)
-
-    def _pre(self, module: nn.Module, args: Any) -> None:
-        for swap in self.swaps.values():
-            swap.pre(module, args)
-
-    def _post(self, module: nn.Module, args: Any, output: Any) -> Any:
-        for swap in reversed(list(self.swaps.values())):
-            output = swap.post(module, args, output)
-        return output
-
-
-_SLOTS: weakref.WeakKeyDictionary[nn.Module, _Slot] = weakref.WeakKeyDictionary()
-
-
-def _slot(module: nn.Module) -> _Slot:
-    slot = _SLOTS.get(module)
-    if slot is None:
-        slot = _SLOTS[module] = _Slot()
-        module.register_forward_pre_hook(slot.pre)
-        module.register_forward_hook(slot.post, always_call=True)
-    return slot
-
-
-class Armed:
-    """The live perturbation of a set of sites; `disarm` removes every trace of it."""
+    Each site's std is computed at the first forward that reads it (from the tensor that
+    forward reads: the whole, unsharded weight under FSDP) and kept in ``stds``, which the
+    caller may share between armings (one std per optimizer step).
+    """
 
     def __init__(
         self,
         sites: Sequence[Site],
-        stds: Sequence[Tensor],
-        seeds: Sequence[int],
-        generator: Callable[[torch.device], torch.Generator],
+        sigma: float,
+        seed_of: Callable[[int], int],
+        stds: dict[int, Tensor],
+        generators: Generators,
+        auto: bool = False,
     ):
-        self._swaps: list[tuple[_Slot, str, Union[_Swap, OutputSwap]]] = []
+        self.sigma = sigma
+        self.auto = auto
+        self.calls = 0  # target forwards that ran perturbed
+        self._seed_of = seed_of
+        self._stds = stds
+        self._generators = generators
+        self._noises: dict[int, Noise] = {}
+        self._swaps: list[tuple[_Slot, str, _Swap]] = []
         try:
-            for site, std, seed in zip(sites, stds, seeds):
-                weight = site.target.weight
-                noise = _Noise(std, seed, generator(weight.device), site.target.transposed)
-                for reader, target in enumerate(site.readers):
-                    slot, name = _slot(target.module), target.param_name
+            for site in sites:
+                for reader in site.readers:
+                    slot, name = reader.slot, reader.target.param_name
+                    if not slot.installed:
+                        raise RuntimeError(
+                            f"flatopt.remove_hooks() took the hooks off {reader.name!r}; build a "
+                            "new FlatPerturb to perturb this model again."
+                        )
                     if name in slot.swaps:
                         raise RuntimeError(
                             f"{site.name!r} is already perturbed by another FlatPerturb or "
                             "sharpness() call; restore that one first."
                         )
-                    if site.ops is None:
-                        swap = slot.swaps[name] = _Swap(target, noise)
-                    else:
-                        epsilon = functools.partial(noise.epsilon, weight)
-                        swap = slot.swaps[name] = OutputSwap(target, epsilon, site.ops[reader])
+                    swap = slot.swaps[name] = _Swap(self, site, reader)
                     self._swaps.append((slot, name, swap))
         except BaseException:
             self.disarm()
             raise
         self.size = len(self._swaps)  # how many (module, weight) pairs were armed
 
-    @property
-    def calls(self) -> int:
-        """How many target forwards ran under this arming."""
-        return sum(swap.calls for _, _, swap in self._swaps)
+    def noise(self, site: Site, weight: Tensor) -> Noise:
+        noise = self._noises.get(site.index)
+        if noise is None:
+            std = self._stds.get(site.index)
+            if std is None:
+                std = self._stds[site.index] = site.std(self.sigma, weight)
+            generator = self._generators(weight.device)
+            keep = site.readers[0].keep
+            noise = Noise(std, self._seed_of(site.index), generator, site.transposed, keep)
+            self._noises[site.index] = noise
+        return noise
 
     def disarm(self) -> None:
         swaps, self._swaps = self._swaps, []
+        slots = []
         for slot, name, swap in swaps:
             if slot.swaps.get(name) is swap:
                 del slot.swaps[name]
-        for _, _, swap in swaps:
-            swap.unwind()
+            if slot not in slots:
+                slots.append(slot)
+        for slot in slots:
+            _unwind(slot)
+
+
+# -- generators and the parallel draw -------------------------------------------------------
 
 
 class _Parallel:

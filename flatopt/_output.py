@@ -14,12 +14,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["dequantized", "is_plain", "layer_op"]
+__all__ = ["OutputNoise", "dequantized", "is_dtensor", "is_plain", "layer_op"]
 
 
 def is_plain(weight: Tensor) -> bool:
-    """A plain floating tensor, to which ε can be added directly."""
-    return type(weight) in (torch.Tensor, nn.Parameter) and weight.is_floating_point()
+    """A plain floating tensor (or ``nn.Parameter`` subclass), to which ε can be added."""
+    kind = type(weight)
+    return (kind is torch.Tensor or issubclass(kind, nn.Parameter)) and weight.is_floating_point()
+
+
+def is_dtensor(value: object) -> bool:
+    """A ``torch.distributed`` DTensor (sharded or replicated), recognised without importing it."""
+    return type(value).__name__ == "DTensor" and hasattr(value, "full_tensor")
 
 
 def dequantized(weight: Tensor) -> Optional[Tensor]:
@@ -46,6 +52,20 @@ class _Op:
         self.input_grad = input_grad
 
 
+def _vjp(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """The input gradient of a layer that is linear in x, by autograd through ``forward``.
+
+    f is linear in x, so the gradient does not depend on x's values: zeros stand in for x.
+    """
+
+    def input_grad(grad_out: Tensor, eps: Tensor, x_like: Tensor) -> Tensor:
+        with torch.enable_grad():
+            x = torch.zeros_like(x_like, requires_grad=True)
+            return torch.autograd.grad(forward(x, eps), x, grad_out)[0]
+
+    return input_grad
+
+
 def layer_op(module: nn.Module, weight: Tensor, transposed: bool = False) -> Optional[_Op]:
     """The functional form of ``module`` in its weight, for the kinds flatopt knows, or None.
 
@@ -54,61 +74,33 @@ def layer_op(module: nn.Module, weight: Tensor, transposed: bool = False) -> Opt
     if isinstance(module, nn.modules.conv._ConvNd):
         if module.transposed or module.padding_mode != "zeros":
             return None
-        dims = weight.ndim - 2
-        conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
-        grad = (nn.grad.conv1d_input, nn.grad.conv2d_input, nn.grad.conv3d_input)[dims - 1]
+        conv = (F.conv1d, F.conv2d, F.conv3d)[weight.ndim - 3]
         options = (module.stride, module.padding, module.dilation, module.groups)
-        return _Op(
-            lambda x, eps: conv(x, eps, None, *options),
-            lambda grad_out, eps, shape: grad(shape, eps, grad_out, *options),
-        )
+
+        def forward(x: Tensor, eps: Tensor) -> Tensor:
+            return conv(x, eps, None, *options)
+
+        return _Op(forward, _vjp(forward))
     if isinstance(module, nn.Embedding):
         return _Op(lambda x, eps: F.embedding(x, eps), None)
     if weight.ndim == 2 and transposed:
-        return _Op(lambda x, eps: x @ eps, lambda grad_out, eps, shape: grad_out @ eps.t())
+        return _Op(lambda x, eps: x @ eps, lambda grad_out, eps, x: grad_out @ eps.t())
     if weight.ndim == 2:
-        return _Op(lambda x, eps: F.linear(x, eps), lambda grad_out, eps, shape: grad_out @ eps)
+        return _Op(lambda x, eps: F.linear(x, eps), lambda grad_out, eps, x: grad_out @ eps)
     return None
 
 
-class _OutputNoise(torch.autograd.Function):
+class OutputNoise(torch.autograd.Function):
     """f(x; ε) with ε regenerated in backward: nothing weight-sized is saved."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, epsilon: Callable[[torch.dtype], Tensor], op: _Op, dtype):
-        ctx.epsilon, ctx.op, ctx.dtype, ctx.shape = epsilon, op, dtype, x.shape
+        ctx.epsilon, ctx.op, ctx.dtype = epsilon, op, dtype
+        ctx.x_like = torch.empty((), dtype=x.dtype, device=x.device).expand(x.shape)
         return op.forward(x, epsilon(dtype))
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], None, None, None]:
         if not ctx.needs_input_grad[0] or ctx.op.input_grad is None:
             return None, None, None, None
-        return ctx.op.input_grad(grad, ctx.epsilon(ctx.dtype), ctx.shape), None, None, None
-
-
-class OutputSwap:
-    """One armed quantized target: adds f(x; ε) to each output of its module."""
-
-    def __init__(self, target: Any, epsilon: Callable[[torch.dtype], Tensor], op: _Op):
-        self.target = target
-        self.epsilon = epsilon
-        self.op = op
-        self.calls = 0
-
-    def pre(self, module: nn.Module, args: Any) -> None:
-        self.calls += 1
-
-    def post(self, module: nn.Module, args: Any, output: Any) -> Any:
-        if output is None or not args:
-            return output
-        if not isinstance(output, Tensor):
-            raise TypeError(
-                f"{type(module).__name__} returned {type(output).__name__}; flatopt's output-side "
-                "noise for quantized weights needs a layer that returns one tensor."
-            )
-        x = args[0]
-        dtype = output.dtype if output.is_floating_point() else torch.get_default_dtype()
-        return output + _OutputNoise.apply(x, self.epsilon, self.op, dtype)
-
-    def unwind(self) -> None:
-        pass
+        return ctx.op.input_grad(grad, ctx.epsilon(ctx.dtype), ctx.x_like), None, None, None

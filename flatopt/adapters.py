@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -119,7 +119,43 @@ def _builtins() -> tuple[Adapter, ...]:
     return (flatopt_lora, *ADAPTERS)
 
 
-def dense(*modules: nn.Module, param_name: str = "weight") -> Adapter:
+def _stored_transposed(module: nn.Module) -> bool:
+    """Whether ``module`` stores its weight with the output features on dim 1."""
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return True  # (num_embeddings, dim): read as the linear map from a one-hot token
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return True  # (in, out / groups, *kernel)
+    # transformers' Conv1D (GPT-2): weight (in, out), recognised without importing it
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+class _Dense:
+    """The adapter `dense` returns: claims the given modules' ``param_name`` with ΔW = 0.
+
+    A small class rather than a closure, so that a FlatPerturb using it pickles and copies.
+    """
+
+    def __init__(self, modules: tuple[nn.Module, ...], param_name: str, transposed: Any):
+        self.modules = modules
+        self.param_name = param_name
+        self.transposed = transposed
+        self.__name__ = f"dense({', '.join(type(m).__name__ for m in modules)})"
+
+    def __call__(self, module: nn.Module) -> Optional[Target]:
+        if not any(module is chosen for chosen in self.modules):
+            return None
+        transposed = self.transposed
+        if transposed is None:
+            transposed = _stored_transposed(module)
+        return Target(module, self.param_name, None, transposed=transposed)
+
+    def __repr__(self) -> str:
+        return self.__name__
+
+
+def dense(
+    *modules: nn.Module, param_name: str = "weight", transposed: Optional[bool] = None
+) -> Adapter:
     """Perturb full-rank modules too (a new head, an embedding), with ΔW = 0.
 
     Flat-LoRA as published perturbs only the LoRA layers; a freshly trained full-rank layer
@@ -128,21 +164,27 @@ def dense(*modules: nn.Module, param_name: str = "weight") -> Adapter:
     gradient reaching it is the one at W + ε, as the objective E[L(W + ε)] asks; flatopt still
     never writes W.
 
-    Rows are output features: an ``nn.Linear`` or conv weight's first dim, and for an
-    ``nn.Embedding`` (weight ``(num_embeddings, dim)``, read as the linear map from a one-hot
-    token) the embedding dims, so fan_in is ``num_embeddings`` and it is stored transposed.
+    Rows are output features, whatever the storage layout: an ``nn.Linear`` or conv weight's
+    first dim; an ``nn.ConvTranspose*d`` weight's second (``(in, out, *kernel)``); the second
+    dim of a transformers ``Conv1D`` (``(in, out)``); and for ``nn.Embedding`` and
+    ``nn.EmbeddingBag`` (``(num_embeddings, dim)``, read as the linear map from a one-hot
+    token) the embedding dims, so fan_in is ``num_embeddings``. An embedding's
+    ``padding_idx`` entry is a fixed pad, and stays unperturbed.
 
     Args:
         *modules: the modules whose weight to perturb.
         param_name: the attribute their forward reads.
+        transposed: the weight is stored ``(fan_in, out)``; None recognises the layouts above
+            (a 2-D user layout stored that way passes True).
 
     Returns:
         An adapter for ``FlatPerturb(adapters=[...])`` or `sharpness(adapters=[...])`.
 
     Raises:
         TypeError: an argument is not an ``nn.Module``.
-        ValueError: no module given, or a module's weight has fewer than 2 dims (biases and
-            norm layers are never perturbed).
+        ValueError: no module given, a module's weight has fewer than 2 dims (biases and
+            norm layers are never perturbed), or a grouped transposed convolution (its output
+            channels are not one storage dim).
 
     Example:
         >>> from flatopt import FlatPerturb
@@ -158,6 +200,8 @@ def dense(*modules: nn.Module, param_name: str = "weight") -> Adapter:
     """
     if not modules:
         raise ValueError("dense() needs at least one module, e.g. flatopt.dense(model.head).")
+    if transposed is not None and not isinstance(transposed, bool):
+        raise TypeError(f"dense(transposed=...) takes True, False or None, got {transposed!r}.")
     for module in modules:
         if not isinstance(module, nn.Module):
             raise TypeError(f"dense() takes nn.Module arguments, got {type(module).__name__}.")
@@ -168,15 +212,14 @@ def dense(*modules: nn.Module, param_name: str = "weight") -> Adapter:
                 f"{tuple(weight.shape)}; biases and norm layers are never perturbed. Pass "
                 "linear, conv or embedding modules."
             )
-    chosen = {id(module) for module in modules}
-
-    def adapter(module: nn.Module) -> Optional[Target]:
-        if id(module) not in chosen:
-            return None
-        return Target(module, param_name, None, transposed=isinstance(module, nn.Embedding))
-
-    adapter.__name__ = f"dense({', '.join(type(m).__name__ for m in modules)})"
-    return adapter
+        if isinstance(module, nn.modules.conv._ConvTransposeNd) and module.groups > 1:
+            raise ValueError(
+                f"dense({type(module).__name__}) with groups={module.groups}: a grouped "
+                "transposed convolution's output channels are spread over two storage dims, "
+                "so its rows cannot be read off one dim. Pass adapters=[fn] returning your "
+                "own flatopt.Target, or leave the layer out."
+            )
+    return _Dense(tuple(modules), param_name, transposed)
 
 
 def _named_modules(model: nn.Module | Iterable[nn.Module]) -> list[tuple[str, nn.Module]]:

@@ -22,6 +22,7 @@ from torch import Tensor
 
 __all__ = [
     "BLOCK_ELEMENTS",
+    "DENSE_ROW_NORMS",
     "SCHEDULES",
     "LowRank",
     "base_row_sq",
@@ -34,6 +35,8 @@ __all__ = [
     "row_dim",
     "row_norms",
     "schedule_factor",
+    "seed_of_target",
+    "step_seed",
 ]
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -137,10 +140,25 @@ def derive_seed(seed: int, step: int, draw: int = 0, target: int = 0, rank: int 
         >>> derive_seed(0, 1) != derive_seed(0, 2)
         True
     """
+    return seed_of_target(step_seed(seed, step, draw), target, rank)
+
+
+def step_seed(seed: int, step: int, draw: int = 0) -> int:
+    """The part of `derive_seed` shared by every target of one draw (computed once per draw).
+
+    Example:
+        >>> seed_of_target(step_seed(0, 3, 1), 2, 0) == derive_seed(0, 3, 1, 2, 0)
+        True
+    """
     h = _splitmix64(seed & _MASK64)
-    for value in (step, draw, target, rank):
-        h = _splitmix64(h ^ (value & _MASK64))
-    return h >> 1
+    h = _splitmix64(h ^ (step & _MASK64))
+    return _splitmix64(h ^ (draw & _MASK64))
+
+
+def seed_of_target(prefix: int, target: int, rank: int = 0) -> int:
+    """Finish `derive_seed` from a `step_seed` prefix: one target's seed on one rank."""
+    h = _splitmix64(prefix ^ (target & _MASK64))
+    return _splitmix64(h ^ (rank & _MASK64)) >> 1
 
 
 def row_dim(weight: Tensor, transposed: bool = False) -> int:
@@ -176,6 +194,39 @@ def base_row_sq(weight: Tensor, transposed: bool = False) -> Tensor:
     return torch.linalg.vector_norm(weight, dim=other, dtype=_accumulate_dtype(weight)).square()
 
 
+DENSE_ROW_NORMS = 1 << 16
+"""Weights of at most this many elements get their row norms from W' itself: one ``addmm`` and
+one norm, which beats the identity's half-dozen small kernels where launch costs dominate.
+Larger weights use the identity and never build ``B @ A``."""
+
+
+def _merged_factors(delta: Delta, acc: torch.dtype) -> tuple[Tensor, Tensor, float] | None:
+    """ΔW = scale · B @ A with every active adapter stacked: ``[s₁B₁, s₂B₂, …] @ [A₁; A₂; …]``."""
+    factors = [delta] if isinstance(delta, LowRank) else list(delta or ())
+    if not factors:
+        return None
+    if len(factors) == 1:
+        f = factors[0]
+        return f.B.reshape(f.B.shape[0], -1), f.A.reshape(f.A.shape[0], -1), f.scale
+    B = torch.cat([f.scale * f.B.reshape(f.B.shape[0], -1).to(acc) for f in factors], 1)
+    A = torch.cat([f.A.reshape(f.A.shape[0], -1).to(acc) for f in factors], 0)
+    return B, A, 1.0
+
+
+def _weight_times(weight: Tensor, A: Tensor, transposed: bool, acc: torch.dtype) -> Tensor:
+    """W·Aᵀ in ``acc`` precision. fp32 and fp64 weights are read as they are; half-precision
+    weights are upcast a row chunk at a time, so fp16 cannot overflow and no weight-sized fp32
+    copy is ever made."""
+    if weight.dtype == acc:
+        if transposed and weight.ndim == 2:
+            return (A @ weight).t()
+        return _logical_matrix(weight, transposed) @ A.t()
+    matrix = _logical_matrix(weight, transposed)
+    rows = matrix.shape[0]
+    step = max(1, -(-rows // 8)) if matrix.numel() > BLOCK_ELEMENTS else rows
+    return torch.cat([matrix[i : i + step].to(acc) @ A.t() for i in range(0, rows, step)])
+
+
 @torch.no_grad()
 def row_norms(
     weight: Tensor,
@@ -188,7 +239,9 @@ def row_norms(
 
     A `LowRank` delta (or a list of them) uses the identity
     ‖W_i + s·B_i·A‖² = ‖W_i‖² + 2s·B_i·(W·Aᵀ)_i + s²·B_i·(A·Aᵀ)·B_iᵀ, which costs
-    O(m·n·r) and never builds ``B @ A``. A tensor delta is in the weight's storage layout.
+    O(m·n·r) and never builds ``B @ A``; weights of at most `DENSE_ROW_NORMS` elements build W'
+    (cheaper there). A tensor delta is in the weight's storage layout. Sums are accumulated in
+    fp32 (fp64 for fp64 weights), so large half-precision weights cannot overflow.
 
     Args:
         weight: the base weight in its storage layout.
@@ -204,24 +257,18 @@ def row_norms(
     acc = _accumulate_dtype(weight)
     if isinstance(delta, Tensor):
         return base_row_sq(weight.to(acc) + delta.to(acc), transposed).sqrt_()
+    factors = _merged_factors(delta, acc)
+    if factors is None:
+        return (base_row_sq(weight, transposed) if base_sq is None else base_sq).sqrt()
+    B, A, scale = factors
+    if weight.numel() <= DENSE_ROW_NORMS:
+        # W' itself, in acc precision (a new tensor: W is never written).
+        matrix = _logical_matrix(weight, transposed).to(acc)
+        merged = torch.addmm(matrix, B.to(acc), A.to(acc), alpha=scale)
+        return torch.linalg.vector_norm(merged, dim=1)
     if base_sq is None:
         base_sq = base_row_sq(weight, transposed)
-    factors = [delta] if isinstance(delta, LowRank) else list(delta or ())
-    if not factors:
-        return base_sq.sqrt()
-    if len(factors) == 1:
-        scale = factors[0].scale
-        B = factors[0].B.reshape(factors[0].B.shape[0], -1)
-        A = factors[0].A.reshape(factors[0].A.shape[0], -1)
-    else:  # several adapters: ΔW = [s₁B₁, s₂B₂, …] @ [A₁; A₂; …]
-        scale = 1.0
-        B = torch.cat([f.scale * f.B.reshape(f.B.shape[0], -1).to(acc) for f in factors], 1)
-        A = torch.cat([f.A.reshape(f.A.shape[0], -1).to(acc) for f in factors], 0)
-    # W·Aᵀ in the weight's own precision: no weight-sized upcast of W.
-    if transposed and weight.ndim == 2:
-        WA = (A.to(weight.dtype) @ weight).t().to(acc)
-    else:
-        WA = (_logical_matrix(weight, transposed) @ A.to(weight.dtype).t()).to(acc)
+    WA = _weight_times(weight, A.to(weight.dtype if weight.dtype == acc else acc), transposed, acc)
     B, A = B.to(acc), A.to(acc)
     # ‖W_i + s·B_i·A‖² = ‖W_i‖² + B_i·(2s·(W·Aᵀ)_i + s²·(B·A·Aᵀ)_i)
     inner = torch.addmm(WA, B, A @ A.t(), beta=2 * scale, alpha=scale * scale)
@@ -306,6 +353,7 @@ def perturbed_weight(
     generator: torch.Generator,
     seed: int,
     run: Optional[Runner] = None,
+    keep: Optional[int] = None,
 ) -> Tensor:
     """Return a new tensor W + ε in W's dtype and device; W itself is never written.
 
@@ -322,6 +370,7 @@ def perturbed_weight(
         seed: the draw's seed.
         run: optional ``run(fill, count)`` that calls ``fill(index, generator)`` for every
             block index, e.g. on several threads each with its own generator.
+        keep: a storage row (dim 0) left unperturbed, e.g. an embedding's ``padding_idx``.
 
     Example:
         >>> W, g = torch.zeros(2, 3), torch.Generator()
@@ -332,15 +381,23 @@ def perturbed_weight(
     out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
     scale = _broadcast(std, weight, transposed)
     parts = blocks(weight)
+    if len(parts) == 1:  # the common small case, without the per-block bookkeeping
+        generator.manual_seed(seed)
+        out.normal_(generator=generator)
+        torch.addcmul(weight, out, scale, out=out)
+    else:
 
-    def fill(index: int, block_generator: torch.Generator) -> None:
-        rows = parts[index]
-        block = out[rows]
-        block_generator.manual_seed(block_seed(seed, index))
-        block.normal_(generator=block_generator)
-        torch.addcmul(weight[rows], block, scale if scale.shape[0] == 1 else scale[rows], out=block)
+        def fill(index: int, block_generator: torch.Generator) -> None:
+            rows = parts[index]
+            block = out[rows]
+            block_generator.manual_seed(block_seed(seed, index))
+            block.normal_(generator=block_generator)
+            block_scale = scale if scale.shape[0] == 1 else scale[rows]
+            torch.addcmul(weight[rows], block, block_scale, out=block)
 
-    (run if run is not None and len(parts) > 1 else _serial(generator))(fill, len(parts))
+        (run if run is not None else _serial(generator))(fill, len(parts))
+    if keep is not None:
+        out[keep] = weight[keep]
     return out
 
 
@@ -363,12 +420,14 @@ def draw_noise(
     generator: torch.Generator,
     seed: int,
     dtype: Optional[torch.dtype] = None,
+    keep: Optional[int] = None,
 ) -> Tensor:
     """Return ε itself: the explicit form of the law, in ``std``'s dtype (fp32 or fp64).
 
     It uses the same ``z`` as `perturbed_weight`; tests and references use it to build
     W + ε by hand. ``dtype`` draws z in another dtype than W's: a quantized W has no
     floating dtype of its own, and its noise is drawn in the dtype of the layer's input.
+    ``keep`` is a storage row (dim 0) whose noise is zero, as in `perturbed_weight`.
 
     Example:
         >>> eps = draw_noise(torch.zeros(2, 3), torch.ones(2), generator=torch.Generator(), seed=1)
@@ -376,4 +435,7 @@ def draw_noise(
         torch.Size([2, 3])
     """
     z = _standard_normal(weight, generator, seed, dtype)
-    return z.to(std.dtype) * _broadcast(std, weight, transposed)
+    eps = z.to(std.dtype) * _broadcast(std, weight, transposed)
+    if keep is not None:
+        eps[keep] = 0
+    return eps

@@ -6,8 +6,10 @@ The wrapper only holds state (seed, step count, targets); the noise law lives in
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -16,11 +18,11 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ._arming import Armed, Generators, Site, build_sites
+from ._arming import Arming, Generators, Site, build_sites, root_hook
 from .adapters import Adapter, find_targets
-from .noise import SCHEDULES, Schedule, derive_seed, schedule_factor
+from .noise import SCHEDULES, Schedule, schedule_factor, seed_of_target, step_seed
 
-__all__ = ["FlatPerturb"]
+__all__ = ["FlatPerturb", "unwrap"]
 
 _RESAMPLE = ("step", "call")
 
@@ -32,37 +34,164 @@ def _rank() -> int:
     return 0
 
 
-def check_sigma(sigma: Any) -> float:
+def check_sigma(sigma: Any, name: str = "sigma") -> float:
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
-        raise TypeError(f"Invalid sigma: {sigma!r}. sigma must be a number, e.g. sigma=0.05.")
+        raise TypeError(f"Invalid {name}: {sigma!r}. sigma must be a number, e.g. sigma=0.05.")
     if not math.isfinite(sigma) or sigma < 0:
         raise ValueError(
-            f"Invalid sigma: {sigma!r}. sigma must be a finite number >= 0; the paper uses "
+            f"Invalid {name}: {sigma!r}. sigma must be a finite number >= 0; the paper uses "
             "0.05 to 0.10 (0.15 for CLIP)."
         )
     return float(sigma)
 
 
-def _check_schedule(schedule: Any, total_steps: Any) -> None:
+def _check_schedule(schedule: Any, total_steps: Any, where: str = "") -> None:
     if callable(schedule):
         return
-    if schedule not in SCHEDULES:
+    if not isinstance(schedule, str) or schedule not in SCHEDULES:
         raise ValueError(
-            f"Invalid schedule: {schedule!r}. Use one of {', '.join(map(repr, SCHEDULES))} or a "
-            "callable step -> factor."
+            f"Invalid {where}schedule: {schedule!r}. Use one of "
+            f"{', '.join(map(repr, SCHEDULES))} or a callable step -> factor."
         )
     if schedule != "constant" and total_steps is None:
         raise ValueError(
             f"schedule={schedule!r} needs total_steps, got None. Pass the number of optimizer "
-            "steps (e.g. total_steps=epochs * len(loader)), or use schedule='constant'."
+            "steps the ramp lasts (optimizer steps, not batches: with gradient accumulation, "
+            "epochs * (len(loader) // accumulation_steps)), or use schedule='constant'."
         )
     if total_steps is not None and (
         isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
     ):
         raise ValueError(
-            f"Invalid total_steps: {total_steps!r}. It must be a positive int, the number of "
-            "optimizer steps over which the schedule ramps up."
+            f"Invalid {where}total_steps: {total_steps!r}. It must be a positive int, the number "
+            "of optimizer steps over which the schedule ramps up."
         )
+
+
+def _check_count(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(
+            f"Invalid state_dict['flatopt'][{key!r}]: {value!r}; expected an int >= 0. Load a "
+            "state dict written by FlatPerturb.state_dict()."
+        )
+    return value
+
+
+def _callable_name(fn: Callable[..., Any]) -> str:
+    module = getattr(fn, "__module__", None) or type(fn).__module__
+    name = getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{module}.{name}"
+
+
+class _State:
+    """Everything a FlatPerturb changes after it is built, behind one reference.
+
+    Framework wrappers that copy an optimizer's ``__dict__`` (Lightning's LightningOptimizer)
+    then share this object with the FlatPerturb instead of forking its counters.
+    """
+
+    def __init__(self, model: Any, adapters: tuple, settings: dict[str, Any]):
+        self.model = model
+        self.adapters = adapters
+        self.seed: int = settings["seed"]
+        self.sigma: float = settings["sigma"]
+        self.schedule: Schedule = settings["schedule"]
+        self.total_steps: Optional[int] = settings["total_steps"]
+        self.resample: str = settings["resample"]
+        self.rank_noise: bool = settings["rank_noise"]
+        self.auto: bool = settings["auto"]
+        self.step = 0  # completed optimizer steps: the schedule's t
+        self.draw = 0  # draws in this step, for resample="call"
+        self.arming: Optional[Arming] = None
+        self.stds: dict[int, Tensor] = {}  # per-site std of the step `stds_step`
+        self.stds_step = -1
+        self.generators = Generators()
+        self.perturbed_step = False  # perturb() ran since the last step()
+        self.calls_step = 0  # target forwards that ran perturbed since the last step()
+        self.warned: set[str] = set()
+        self.sites: list[Site] = []
+        self.scan(warn=False)
+
+    # -- targets ---------------------------------------------------------------------------
+
+    def roots(self) -> tuple[list[nn.Module], bool]:
+        if isinstance(self.model, nn.Module):
+            return [self.model], False
+        return list(self.model), True
+
+    def scan(self, warn: bool) -> None:
+        roots, indexed = self.roots()
+        before = {id(r.target.module): r.name for site in self.sites for r in site.readers}
+        self.sites = build_sites(find_targets(self.model, self.adapters), roots, indexed)
+        self.stds, self.stds_step = {}, -1
+        if self.auto:
+            for site in self.sites:
+                for reader in site.readers:
+                    reader.slot.auto, reader.slot.owner = True, weakref.ref(self)
+            if self.resample == "call":
+                root_hook(self.model, self)
+        after = {id(r.target.module): r.name for site in self.sites for r in site.readers}
+        gone = sorted(name for key, name in before.items() if key not in after)
+        if warn and gone:  # a module moved within the model is found again, silently
+            warnings.warn(
+                f"Target modules {gone} were replaced or deleted after FlatPerturb was built; "
+                f"flatopt re-scanned the model and now perturbs {len(self.sites)} weights: "
+                f"{[site.name for site in self.sites]}.",
+                stacklevel=4,
+            )
+
+    def check_model(self) -> None:
+        """Re-scan when a target module is no longer where it was found."""
+        for site in self.sites:
+            for reader in site.readers:
+                if not reader.in_place():
+                    self.scan(warn=True)
+                    return
+
+    # -- arming ----------------------------------------------------------------------------
+
+    def sigma_t(self) -> float:
+        return self.sigma * schedule_factor(self.schedule, self.step, self.total_steps)
+
+    def arm(self, auto: bool) -> None:
+        self.check_model()
+        sigma = self.sigma_t()
+        if self.stds_step != self.step:
+            self.stds, self.stds_step = {}, self.step
+        draw = self.draw if self.resample == "call" else 0
+        rank = _rank() if self.rank_noise else 0
+        prefix = step_seed(self.seed, self.step, draw)
+        self.arming = Arming(
+            self.sites if sigma > 0 else [],
+            sigma,
+            lambda index: seed_of_target(prefix, index, rank),
+            self.stds,
+            self.generators,
+            auto=auto,
+        )
+        self.draw += 1
+
+    def disarm(self) -> Optional[Arming]:
+        arming, self.arming = self.arming, None
+        if arming is not None:
+            arming.disarm()
+            self.calls_step += arming.calls
+        return arming
+
+    def auto_arm(self) -> None:
+        """Called by a target's forward in training mode (``auto=True``)."""
+        if self.arming is None:
+            self.arm(auto=True)
+
+    def next_draw(self) -> None:
+        """Called by the model's forward in training mode (``auto=True, resample="call"``)."""
+        if self.arming is not None:
+            self.disarm()
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            warnings.warn(message, stacklevel=4)
 
 
 class FlatPerturb(torch.optim.Optimizer):
@@ -75,18 +204,32 @@ class FlatPerturb(torch.optim.Optimizer):
     The wrapper is a ``torch.optim.Optimizer`` whose ``param_groups``, ``state`` and
     ``defaults`` are the wrapped optimizer's, so LR schedulers and GradScaler work on it.
 
+    Two ways to drive it:
+
+    - explicit (default): `perturb` before the forward, `restore` after the backward (or
+      ``with opt.perturbed():``, or ``opt.step(closure)``). A ``step()`` with no `perturb`
+      since the previous one warns once.
+    - ``auto=True``, for trainers that own the loop (HF Trainer, Lightning, Accelerate, …):
+      nobody calls `perturb`/`restore`. Every forward of a target in training mode between two
+      ``step()`` calls sees W + ε of that step, bit for bit as if `perturb` had run before the
+      step's first forward and `restore` at ``step()``. Forwards in eval mode see W; forwards
+      under ``torch.no_grad()`` in training mode see W + ε (they are training forwards).
+
     Args:
         optimizer: any ``torch.optim.Optimizer`` over the trainable parameters.
         model: the ``nn.Module`` to scan for LoRA layers, or an iterable of modules.
         sigma: σ, the relative noise scale at the end of the ramp.
         schedule: ``"cosine"`` (the paper's), ``"linear"``, ``"constant"`` or a callable
             ``step -> factor``.
-        total_steps: T, the length of the ramp; required by ``"cosine"`` and ``"linear"``.
+        total_steps: T, the length of the ramp in optimizer steps; required by ``"cosine"``
+            and ``"linear"``.
         seed: the root of every noise seed; None draws one from torch's default generator now.
         adapters: extra adapters ``module -> Target | None``, tried before the built-in ones.
         resample: ``"step"`` keeps one ε per optimizer step (every micro-batch between two
-            ``step()`` calls sees it); ``"call"`` draws fresh noise at every `perturb`.
+            ``step()`` calls sees it); ``"call"`` draws fresh noise at every `perturb`, and
+            with ``auto=True`` at every training-mode forward of ``model``.
         rank_noise: under ``torch.distributed``, each rank draws its own noise.
+        auto: arm the noise from the model's own training-mode forwards (drop-in mode).
 
     Raises:
         TypeError: ``optimizer`` is not an Optimizer, or an argument has the wrong type.
@@ -100,6 +243,12 @@ class FlatPerturb(torch.optim.Optimizer):
         >>> opt = FlatPerturb(inner, net, sigma=0.05, total_steps=100, seed=0)
         >>> with opt.perturbed():
         ...     net(torch.randn(4, 8)).square().mean().backward()
+        >>> opt.step(); opt.zero_grad()
+
+        In a trainer that owns the loop, ``auto=True`` needs no calls at all:
+
+        >>> opt = FlatPerturb(inner, net, sigma=0.05, total_steps=100, auto=True)
+        >>> net(torch.randn(4, 8)).square().mean().backward()  # sees W + ε
         >>> opt.step(); opt.zero_grad()
     """
 
@@ -115,6 +264,7 @@ class FlatPerturb(torch.optim.Optimizer):
         adapters: Iterable[Adapter] = (),
         resample: str = "step",
         rank_noise: bool = True,
+        auto: bool = False,
     ):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -123,12 +273,14 @@ class FlatPerturb(torch.optim.Optimizer):
             )
         if isinstance(optimizer, FlatPerturb):
             raise TypeError("optimizer is already a FlatPerturb; wrap the inner optimizer once.")
-        if not isinstance(model, nn.Module) and not isinstance(model, Iterable):
-            raise TypeError(
-                f"model must be an nn.Module or an iterable of nn.Module, got "
-                f"{type(model).__name__}."
-            )
-        self._sigma = check_sigma(sigma)
+        if not isinstance(model, nn.Module):
+            if not isinstance(model, Iterable):
+                raise TypeError(
+                    f"model must be an nn.Module or an iterable of nn.Module, got "
+                    f"{type(model).__name__}."
+                )
+            model = list(model)  # an iterator would be used up by the first scan
+        sigma = check_sigma(sigma)
         _check_schedule(schedule, total_steps)
         if resample not in _RESAMPLE:
             raise ValueError(
@@ -137,6 +289,14 @@ class FlatPerturb(torch.optim.Optimizer):
             )
         if not isinstance(rank_noise, bool):
             raise TypeError(f"Invalid rank_noise: {rank_noise!r}. Pass True or False.")
+        if not isinstance(auto, bool):
+            raise TypeError(f"Invalid auto: {auto!r}. Pass True or False.")
+        if auto and resample == "call" and not isinstance(model, nn.Module):
+            raise ValueError(
+                "resample='call' with auto=True needs model to be one nn.Module: each of its "
+                "training forwards starts a new draw. Pass the model itself, or use "
+                "resample='step'."
+            )
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
         elif isinstance(seed, bool) or not isinstance(seed, int):
@@ -153,17 +313,16 @@ class FlatPerturb(torch.optim.Optimizer):
                 )
 
         self.optimizer = optimizer
-        self._schedule = schedule
-        self._total_steps = total_steps
-        self._seed = seed
-        self._resample = resample
-        self._rank_noise = rank_noise
-        self._step = 0  # completed optimizer steps: the schedule's t
-        self._draw = 0  # perturb() calls in this step, for resample="call"
-        self._sites = build_sites(find_targets(model, adapters))
-        self._generators = Generators()
-        self._armed: Optional[Armed] = None
-        self._stds: Optional[tuple[int, list[Tensor]]] = None  # (step, per-site std)
+        settings = {
+            "seed": seed,
+            "sigma": sigma,
+            "schedule": schedule,
+            "total_steps": total_steps,
+            "resample": resample,
+            "rank_noise": rank_noise,
+            "auto": auto,
+        }
+        self._state = _State(model, adapters, settings)
 
         # The Optimizer plumbing, without registering the parameters a second time.
         self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
@@ -205,27 +364,37 @@ class FlatPerturb(torch.optim.Optimizer):
     @property
     def sigma(self) -> float:
         """σ_t, the noise scale of the current step: σ · schedule(num_steps)."""
-        return self._sigma * schedule_factor(self._schedule, self._step, self._total_steps)
+        return self._state.sigma_t()
 
     @property
     def num_steps(self) -> int:
         """The number of completed ``step()`` calls: the schedule's t."""
-        return self._step
+        return self._state.step
 
     @property
     def is_perturbed(self) -> bool:
-        """True between `perturb` and `restore`."""
-        return self._armed is not None
+        """True between `perturb` and `restore` (with ``auto=True``: from the step's first
+        training forward to ``step()``)."""
+        return self._state.arming is not None
 
     @property
     def seed(self) -> int:
         """The root seed every noise draw derives from."""
-        return self._seed
+        return self._state.seed
+
+    @property
+    def auto(self) -> bool:
+        """True in drop-in mode: the noise arms itself from the model's training forwards."""
+        return self._state.auto
 
     @property
     def targets(self) -> list[tuple[str, tuple[int, int]]]:
         """``(qualified module name, (out_features, fan_in))`` of every perturbed weight."""
-        return [(site.name, site.logical_shape) for site in self._sites]
+        return [(site.name, site.logical_shape) for site in self._state.sites]
+
+    @property
+    def _sites(self) -> list[Site]:
+        return self._state.sites
 
     # -- perturb / restore ------------------------------------------------------------------
 
@@ -236,7 +405,8 @@ class FlatPerturb(torch.optim.Optimizer):
         from the seed. Call ``backward()`` before `restore`.
 
         Raises:
-            RuntimeError: the perturbation is already armed.
+            RuntimeError: the perturbation is already armed, or the wrapper was built with
+                ``auto=True`` (it arms itself).
 
         Example:
             >>> from flatopt.lora import add_lora
@@ -248,23 +418,20 @@ class FlatPerturb(torch.optim.Optimizer):
             >>> opt.restore()
             >>> opt.step()
         """
-        if self._armed is not None:
+        state = self._state
+        if state.auto:
+            raise RuntimeError(
+                "perturb() on a FlatPerturb built with auto=True, which arms itself at each "
+                "step's first training forward. Drop the perturb()/restore() calls, or build "
+                "it with auto=False."
+            )
+        if state.arming is not None:
             raise RuntimeError(
                 "perturb() was called twice without restore(). Call opt.restore() after "
                 "backward(), or use `with opt.perturbed():`."
             )
-        sigma = self.sigma
-        sites: list[Site] = []
-        stds: list[Tensor] = []
-        if sigma > 0:
-            if self._stds is None or self._stds[0] != self._step:
-                self._stds = (self._step, [site.std(sigma) for site in self._sites])
-            sites, stds = self._sites, self._stds[1]
-        draw = self._draw if self._resample == "call" else 0
-        rank = _rank() if self._rank_noise else 0
-        seeds = [derive_seed(self._seed, self._step, draw, site.index, rank) for site in sites]
-        self._armed = Armed(sites, stds, seeds, self._generators)
-        self._draw += 1
+        state.arm(auto=False)
+        state.perturbed_step = True
 
     def restore(self) -> None:
         """Disarm the noise. Every parameter and buffer is bitwise as before `perturb`.
@@ -275,21 +442,25 @@ class FlatPerturb(torch.optim.Optimizer):
         self._restore(warn=True)
 
     def _restore(self, warn: bool) -> None:
-        if self._armed is None:
+        state = self._state
+        if state.auto:
+            raise RuntimeError(
+                "restore() on a FlatPerturb built with auto=True: it disarms itself at step(). "
+                "Drop the perturb()/restore() calls, or build it with auto=False."
+            )
+        if state.arming is None:
             raise RuntimeError(
                 "restore() was called with nothing armed. Call opt.perturb() first, or use "
                 "`with opt.perturbed():`."
             )
-        armed, self._armed = self._armed, None
-        ran = armed.calls
-        armed.disarm()
-        if warn and armed.size and ran == 0:
+        armed = state.disarm()
+        if warn and armed is not None and armed.size and armed.calls == 0:
             warnings.warn(
                 "No target layer ran between perturb() and restore(), so nothing was "
                 "perturbed. Run the forward in between, and call modules as module(x) (their "
                 "hooks must run); build FlatPerturb before the first call of a torch.compile'd "
                 "model.",
-                stacklevel=2,
+                stacklevel=3,
             )
 
     @contextmanager
@@ -319,33 +490,66 @@ class FlatPerturb(torch.optim.Optimizer):
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
         """Take the wrapped optimizer's step and advance the noise schedule.
 
-        With a ``closure``, it runs perturbed: perturb -> closure() -> restore, then the inner
-        step. The closure is handed to the inner optimizer, so LBFGS-style optimizers that
-        call it several times see the same ε each time.
+        With a ``closure`` in explicit mode, the closure runs perturbed: perturb -> closure()
+        -> restore around each evaluation, inside the inner step. With ``resample="step"``,
+        optimizers that evaluate the closure several times (LBFGS) see the same ε each time;
+        with ``resample="call"`` each evaluation draws fresh noise. If `perturb` already ran in
+        this step (a framework that runs forward and backward itself and passes a no-op
+        closure), the closure is passed through untouched. With ``auto=True`` the closure's
+        training forwards see the step's ε, like every other forward of the step.
 
         Returns:
             The closure's loss, or None.
 
         Raises:
-            RuntimeError: the perturbation is still armed (call `restore` first).
+            RuntimeError: the perturbation is still armed (explicit mode). flatopt restores it
+                and the step is not taken.
         """
-        if self._armed is not None:
+        state = self._state
+        if state.arming is not None and not state.arming.auto:
+            self._restore(warn=False)
             raise RuntimeError(
-                "step() was called while the perturbation is armed. Call opt.restore() after "
-                "backward() and before opt.step(), or use `with opt.perturbed():`."
+                "step() was called while the perturbation is armed; flatopt restored it and "
+                "did not take the step. Call opt.restore() after backward() and before "
+                "opt.step(), or use `with opt.perturbed():`."
             )
-        if closure is None:
-            loss = self.optimizer.step()
-        else:
-
-            def perturbed_closure() -> Any:
-                with torch.enable_grad(), self.perturbed():
-                    return closure()
-
-            loss = self.optimizer.step(perturbed_closure)
-        self._step += 1
-        self._draw = 0
+        sigma = state.sigma_t()
+        if not state.auto and not state.perturbed_step:
+            if closure is not None:
+                closure = self._perturbed_closure(closure)
+            elif sigma > 0:
+                state.warn_once(
+                    "explicit",
+                    "step() ran without perturb() since the previous step, so this step "
+                    "trained on the clean weights. Call opt.perturb()/opt.restore() around the "
+                    "forward and backward, or build FlatPerturb(..., auto=True) when a trainer "
+                    "(HF Trainer, Lightning, Accelerate, ...) owns the loop.",
+                )
+        try:
+            loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        finally:
+            if state.auto:
+                state.disarm()
+        if state.auto and sigma > 0 and state.calls_step == 0:
+            state.warn_once(
+                "auto",
+                "FlatPerturb(auto=True): no target layer ran a training-mode forward in this "
+                "step, so nothing was perturbed. Run the forward in training mode "
+                "(model.train()), call modules as module(x), and build FlatPerturb before the "
+                "first call of a torch.compile'd model.",
+            )
+        state.step += 1
+        state.draw = 0
+        state.perturbed_step = False
+        state.calls_step = 0
         return loss
+
+    def _perturbed_closure(self, closure: Callable[[], Any]) -> Callable[[], Any]:
+        def perturbed_closure() -> Any:
+            with torch.enable_grad(), self.perturbed():
+                return closure()
+
+        return perturbed_closure
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Forward to the wrapped optimizer's ``zero_grad``."""
@@ -359,73 +563,211 @@ class FlatPerturb(torch.optim.Optimizer):
         """The wrapped optimizer's state dict plus a ``"flatopt"`` entry.
 
         That entry holds the seed, step count and noise settings, so loading it into a fresh
-        wrapper continues the run bit for bit.
+        wrapper continues the run bit for bit. A callable schedule is saved by its qualified
+        name (``module.qualname``).
         """
-        state = self.optimizer.state_dict()
-        state["flatopt"] = {
-            "seed": self._seed,
-            "num_steps": self._step,
-            "draw": self._draw,
-            "sigma": self._sigma,
-            "schedule": "callable" if callable(self._schedule) else self._schedule,
-            "total_steps": self._total_steps,
-            "resample": self._resample,
-            "rank_noise": self._rank_noise,
+        state = self._state
+        sd = self.optimizer.state_dict()
+        sd["flatopt"] = {
+            "seed": state.seed,
+            "num_steps": state.step,
+            "draw": state.draw,
+            "sigma": state.sigma,
+            "schedule": "callable" if callable(state.schedule) else state.schedule,
+            "schedule_name": _callable_name(state.schedule) if callable(state.schedule) else None,
+            "total_steps": state.total_steps,
+            "resample": state.resample,
+            "rank_noise": state.rank_noise,
         }
-        return state
+        return sd
+
+    def _check_own(self, own: Any) -> dict[str, Any]:
+        """Validate a state dict's ``"flatopt"`` entry by the constructor's rules."""
+        if not isinstance(own, dict):
+            raise TypeError(
+                f"state_dict['flatopt'] must be a dict, got {type(own).__name__}. Load a state "
+                "dict written by FlatPerturb.state_dict()."
+            )
+        keys = ("seed", "num_steps", "draw", "sigma", "schedule", "total_steps", "resample")
+        for key in (*keys, "rank_noise"):
+            if key not in own:
+                raise ValueError(
+                    f"state_dict['flatopt'] has no {key!r} entry; was it written by "
+                    "FlatPerturb.state_dict()? Nothing was loaded."
+                )
+        seed = own["seed"]
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"Invalid state_dict['flatopt']['seed']: {seed!r}; expected an int.")
+        sigma = check_sigma(own["sigma"], name="state_dict['flatopt']['sigma']")
+        schedule = own["schedule"]
+        current = self._state.schedule
+        if schedule == "callable":
+            if not callable(current):
+                raise ValueError(
+                    "The checkpoint was written with a callable schedule; build this "
+                    "FlatPerturb with the same callable (schedule=...) before loading it."
+                )
+            saved_name = own.get("schedule_name")
+            if saved_name is not None and saved_name != _callable_name(current):
+                raise ValueError(
+                    f"The checkpoint's schedule was {saved_name}, this FlatPerturb's is "
+                    f"{_callable_name(current)}. Build it with the same callable before "
+                    "loading (schedules are compared by qualified name)."
+                )
+            schedule = current
+        else:
+            _check_schedule(schedule, own["total_steps"], where="state_dict['flatopt'] ")
+        if own["total_steps"] is not None:
+            _check_schedule("linear", own["total_steps"], where="state_dict['flatopt'] ")
+        if own["resample"] not in _RESAMPLE:
+            raise ValueError(
+                f"Invalid state_dict['flatopt']['resample']: {own['resample']!r}; expected "
+                "'step' or 'call'."
+            )
+        if not isinstance(own["rank_noise"], bool):
+            raise TypeError(
+                f"Invalid state_dict['flatopt']['rank_noise']: {own['rank_noise']!r}; expected "
+                "True or False."
+            )
+        return {
+            "seed": seed,
+            "step": _check_count(own["num_steps"], "num_steps"),
+            "draw": _check_count(own["draw"], "draw"),
+            "sigma": sigma,
+            "schedule": schedule,
+            "total_steps": own["total_steps"],
+            "resample": own["resample"],
+            "rank_noise": own["rank_noise"],
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a `state_dict`; the checkpoint's noise settings replace the current ones.
 
-        A state dict written by the bare wrapped optimizer (no ``"flatopt"`` entry) loads the
-        optimizer state only, keeps flatopt's seed and step count, and warns.
+        The ``"flatopt"`` entry is checked whole first (types and ranges, by the
+        constructor's rules) and loading is atomic: on any error nothing changes, the wrapped
+        optimizer included. A state dict written by the bare wrapped optimizer (no
+        ``"flatopt"`` entry) loads the optimizer state only, keeps flatopt's seed and step
+        count, and warns.
 
         Raises:
-            RuntimeError: the perturbation is armed.
-            ValueError: the checkpoint used a callable schedule and this wrapper has none.
+            RuntimeError: the perturbation is armed (explicit mode).
+            ValueError: a bad or missing entry, or a callable schedule that differs from the
+                checkpoint's (compared by qualified name).
+            TypeError: an entry of the wrong type.
         """
-        if self._armed is not None:
+        state = self._state
+        if state.arming is not None and not state.arming.auto:
             raise RuntimeError("load_state_dict() while perturbed; call opt.restore() first.")
-        state_dict = dict(state_dict)
-        own = state_dict.pop("flatopt", None)
-        if own is not None and own["schedule"] == "callable" and not callable(self._schedule):
-            raise ValueError(
-                "The checkpoint was written with a callable schedule; build this FlatPerturb "
-                "with the same callable (schedule=...) before loading it."
-            )
-        self.optimizer.load_state_dict(state_dict)
-        if own is None:
+        own = state_dict.get("flatopt") if isinstance(state_dict, dict) else None
+        settings = self._check_own(own) if own is not None else None
+        inner = {key: value for key, value in state_dict.items() if key != "flatopt"}
+        before = self.optimizer.state_dict()
+        try:
+            self.optimizer.load_state_dict(inner)
+        except BaseException:
+            with contextlib.suppress(Exception):  # put the old state back, then re-raise
+                self.optimizer.load_state_dict(before)
+            raise
+        state.disarm()  # an auto-armed step belongs to the old step count
+        if settings is None:
             warnings.warn(
                 "state_dict has no 'flatopt' entry (written by the bare optimizer?): loaded the "
-                f"optimizer state; the noise keeps seed={self._seed} and num_steps={self._step}.",
+                f"optimizer state; the noise keeps seed={state.seed} and "
+                f"num_steps={state.step}.",
                 stacklevel=2,
             )
             return
-        self._seed = int(own["seed"])
-        self._step = int(own["num_steps"])
-        self._draw = int(own["draw"])
-        self._sigma = float(own["sigma"])
-        if own["schedule"] != "callable":
-            self._schedule = own["schedule"]
-        self._total_steps = own["total_steps"]
-        self._resample = own["resample"]
-        self._rank_noise = bool(own["rank_noise"])
-        self._stds = None
+        for key, value in settings.items():
+            setattr(state, key, value)
+        state.stds, state.stds_step = {}, -1
+        state.perturbed_step, state.calls_step = False, 0
+
+    # -- copies and pickles -----------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self._state
+        if state.arming is not None and not state.arming.auto:
+            raise RuntimeError(
+                "Cannot copy or pickle a FlatPerturb while it is perturbed; call opt.restore() "
+                "first."
+            )
+        return {
+            "optimizer": self.optimizer,
+            "model": state.model,
+            "adapters": state.adapters,
+            "settings": {
+                "sigma": state.sigma,
+                "schedule": state.schedule,
+                "total_steps": state.total_steps,
+                "seed": state.seed,
+                "resample": state.resample,
+                "rank_noise": state.rank_noise,
+                "auto": state.auto,
+            },
+            "progress": {"step": state.step, "draw": state.draw},
+        }
+
+    def __setstate__(self, saved: dict[str, Any]) -> None:
+        # Rebuilt from its parts: the copy finds the (copied) model's targets and hooks anew.
+        settings = saved["settings"]
+        self.__init__(saved["optimizer"], saved["model"], adapters=saved["adapters"], **settings)
+        for key, value in saved["progress"].items():
+            setattr(self._state, key, value)
 
     def __repr__(self) -> str:
-        schedule = getattr(self._schedule, "__name__", None) or repr(self._schedule)
-        if isinstance(self._schedule, str):
-            schedule = repr(self._schedule)
+        state = self._state
+        schedule = getattr(state.schedule, "__name__", None) or repr(state.schedule)
+        if isinstance(state.schedule, str):
+            schedule = repr(state.schedule)
         inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
         return (
             f"FlatPerturb (\n"
-            f"  sigma: {self._sigma:g} (now {self.sigma:.4g})\n"
-            f"  schedule: {schedule}, total_steps: {self._total_steps}\n"
-            f"  resample: {self._resample!r}, rank_noise: {self._rank_noise}, seed: {self._seed}\n"
-            f"  num_steps: {self._step}, perturbed: {self.is_perturbed}\n"
-            f"  targets: {len(self._sites)} layers, {self._num_weights():,} weights\n"
+            f"  sigma: {state.sigma:g} (now {self.sigma:.4g})\n"
+            f"  schedule: {schedule}, total_steps: {state.total_steps}\n"
+            f"  resample: {state.resample!r}, rank_noise: {state.rank_noise}, "
+            f"seed: {state.seed}, auto: {state.auto}\n"
+            f"  num_steps: {state.step}, perturbed: {self.is_perturbed}\n"
+            f"  targets: {len(state.sites)} layers, {self._num_weights():,} weights\n"
             f"  optimizer:\n{inner}\n)"
         )
 
     def _num_weights(self) -> int:
-        return sum(rows * fan_in for rows, fan_in in (s.logical_shape for s in self._sites))
+        return sum(rows * fan_in for rows, fan_in in (s.logical_shape for s in self._state.sites))
+
+
+def unwrap(optimizer: Any) -> FlatPerturb:
+    """Return the `FlatPerturb` inside the wrappers frameworks put around optimizers.
+
+    Lightning's ``LightningOptimizer`` and Accelerate's ``AcceleratedOptimizer`` (and
+    anything else that keeps the optimizer in ``._optimizer`` or ``.optimizer``) do not expose
+    `FlatPerturb.perturb` and friends; this finds the FlatPerturb they wrap. With
+    ``auto=True`` nothing needs reaching.
+
+    Raises:
+        TypeError: no FlatPerturb was found inside ``optimizer``.
+
+    Example:
+        >>> from flatopt.lora import add_lora
+        >>> net = add_lora(torch.nn.Sequential(torch.nn.Linear(4, 4)), ["0"], rank=2)
+        >>> opt = FlatPerturb(torch.optim.SGD(net.parameters(), lr=0.1), net, total_steps=10)
+        >>> class Wrapper:  # what a framework hands back
+        ...     def __init__(self, optimizer):
+        ...         self.optimizer = optimizer
+        >>> unwrap(Wrapper(opt)) is opt
+        True
+    """
+    found, current, seen = None, optimizer, set()
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, FlatPerturb):
+            found = current
+        inner = current.__dict__.get("_optimizer") if hasattr(current, "__dict__") else None
+        if not isinstance(inner, torch.optim.Optimizer):
+            inner = getattr(current, "optimizer", None)
+        current = inner if isinstance(inner, torch.optim.Optimizer) else None
+    if found is None:
+        raise TypeError(
+            f"No FlatPerturb inside {type(optimizer).__name__}: pass the optimizer your "
+            "framework wraps, built as flatopt.FlatPerturb(inner, model, ...)."
+        )
+    return found

@@ -11,9 +11,9 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
-from ._arming import Armed, Generators, build_sites
+from ._arming import Arming, Generators, build_sites, drop_hooks, find_slot
 from .adapters import Adapter, find_targets
-from .noise import derive_seed
+from .noise import seed_of_target, step_seed
 from .perturb import check_sigma
 
 __all__ = ["Sharpness", "sharpness"]
@@ -41,6 +41,23 @@ class Sharpness:
 
     def __str__(self) -> str:
         return f"{self.mean:.4g} ± {self.stderr:.2g} (σ={self.sigma:g}, n={len(self.increases)})"
+
+
+def _perturbed_increases(
+    sites: list, sigma: float, seed: int, samples: int, loss_fn: Any, batches: list, clean: float
+) -> list[float]:
+    """The loss increase under each of ``samples`` draws (the std is computed once)."""
+    stds: dict = {}
+    generators = Generators()
+    increases = []
+    for draw in range(samples):
+        prefix = step_seed(seed, 0, draw)
+        arming = Arming(sites, sigma, lambda i, p=prefix: seed_of_target(p, i), stds, generators)
+        try:
+            increases.append(_mean_loss(loss_fn, batches) - clean)
+        finally:
+            arming.disarm()
+    return increases
 
 
 def _mean_loss(loss_fn: Callable[[Any], Tensor], batches: list[Any]) -> float:
@@ -98,27 +115,22 @@ def sharpness(
     batches = list(batches)
     if not batches:
         raise ValueError("batches is empty; pass at least one batch to evaluate the loss on.")
-    sites = build_sites(find_targets(model, adapters))
     modules = [model] if isinstance(model, nn.Module) else list(model)
     modes = [(m, m.training) for root in modules for m in root.modules()]
+    hooked = {id(m) for m, _ in modes if find_slot(m) is not None}
     try:
+        sites = build_sites(find_targets(modules, adapters))
         if eval_mode:
             for root in modules:
                 root.eval()
         clean = _mean_loss(loss_fn, batches)
-        stds = [site.std(sigma) for site in sites]
-        generators = Generators()
-        increases = []
-        for draw in range(samples):
-            seeds = [derive_seed(seed, 0, draw, site.index) for site in sites]
-            armed = Armed(sites, stds, seeds, generators)
-            try:
-                increases.append(_mean_loss(loss_fn, batches) - clean)
-            finally:
-                armed.disarm()
+        increases = _perturbed_increases(sites, sigma, seed, samples, loss_fn, batches, clean)
     finally:
         for module, training in modes:
             module.training = training
+        for module, _ in modes:  # leave the model exactly as found: no new hooks
+            if id(module) not in hooked and find_slot(module) is not None:
+                drop_hooks(module)
     std = statistics.stdev(increases) if samples > 1 else 0.0
     return Sharpness(
         mean=statistics.fmean(increases),

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import flatopt
-from flatopt._arming import _SLOTS
+from flatopt._arming import find_slot
 from flatopt.adapters import find_targets
 from flatopt.lora import LoRALinear, add_lora
 
@@ -131,7 +131,7 @@ def test_an_exception_leaves_nothing_perturbed(where):
         model(x).sum().backward()
     assert not opt.is_perturbed
     assert base._parameters["weight"] is original  # the Parameter object itself is back
-    assert not _SLOTS[base].swaps  # flatopt's hooks on the layer are inert again
+    assert not find_slot(base).swaps  # flatopt's hooks on the layer are inert again
     assert _top_hooks() is None
     assert_untouched(model, before)
     # The wrapper is still usable, and perturbs again.

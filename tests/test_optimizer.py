@@ -207,6 +207,7 @@ def test_state_dict_holds_the_noise_settings():
         "draw": 0,
         "sigma": 0.1,
         "schedule": "linear",
+        "schedule_name": None,
         "total_steps": 5,
         "resample": "call",
         "rank_noise": False,
