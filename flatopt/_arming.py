@@ -24,7 +24,15 @@ from torch import Tensor, nn
 
 from ._output import OutputNoise, dequantized, is_dtensor, is_plain, layer_op
 from .adapters import Target
-from .noise import base_row_sq, draw_noise, noise_std, perturbed_weight, row_dim
+from .noise import (
+    DENSE_ROW_NORMS,
+    _broadcast,
+    _perturbed_weight,
+    base_row_sq,
+    draw_noise,
+    noise_std,
+    row_dim,
+)
 
 __all__ = [
     "Arming",
@@ -161,7 +169,8 @@ class Site:
             delta = _full(target.delta()) if target.delta is not None else None
             dense = weight if is_plain(weight) else dequantized(weight)
             base_sq = None
-            if not isinstance(delta, Tensor) and not weight.requires_grad:
+            identity = dense.numel() > DENSE_ROW_NORMS or delta is None
+            if identity and not isinstance(delta, Tensor) and not weight.requires_grad:
                 # ‖W_i‖² of a frozen weight is reused while the weight is unchanged.
                 key = _cache_key(weight)
                 if key is None or key != self._base_key:
@@ -256,7 +265,7 @@ class _PreHook:
     def __call__(self, module: nn.Module, args: Any) -> None:
         slot = self.slot
         if slot.swaps or (slot.auto and module.training):
-            _pre(slot, module)
+            (_pre_compiled if _is_compiling() else _pre)(slot, module)
 
     def __reduce__(self) -> tuple:
         return (_PreHook, (self.slot,))
@@ -272,7 +281,8 @@ class _PostHook:
 
     def __call__(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
         if self.slot.frames:
-            return _post(self.slot, module, args, kwargs, output)
+            post = _post_compiled if _is_compiling() else _post
+            return post(self.slot, module, args, kwargs, output)
         return None
 
     def __reduce__(self) -> tuple:
@@ -281,12 +291,17 @@ class _PostHook:
 
 def _not_compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
     # torch.compile must run the armed path eagerly: it draws noise and enters saved-tensor
-    # hooks. The unarmed test in the hooks above is plain Python that compiles away.
+    # hooks. The unarmed test in the hooks above is plain Python that compiles away, and
+    # eager calls skip the wrapper (it costs more than the test itself).
     disable = getattr(getattr(torch, "compiler", None), "disable", None)
     return disable(fn) if disable is not None else fn
 
 
-@_not_compiled
+_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or getattr(
+    torch._dynamo, "is_compiling", lambda: False
+)
+
+
 def _pre(slot: _Slot, module: nn.Module) -> None:
     if slot.frames:
         _unwind(slot)  # a forward interrupted by a non-Exception left its W + ε behind
@@ -308,13 +323,24 @@ def _pre(slot: _Slot, module: nn.Module) -> None:
     slot.frames.append(frame)
 
 
-@_not_compiled
 def _post(slot: _Slot, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
     frame = slot.frames.pop()
     for entry in reversed(frame):
         if entry is not None:
             output = entry.swap.post(entry, args, kwargs, output)
     return output
+
+
+_pre_compiled: Callable[..., Any] = _pre  # made torch.compile-proof when hooks are installed
+_post_compiled: Callable[..., Any] = _post
+
+
+def _compile_proof() -> None:
+    # Deferred to the first hook: torch.compiler.disable imports torch._dynamo (about a second).
+    global _pre_compiled, _post_compiled, _next_draw_compiled
+    if _pre_compiled is _pre:
+        _pre_compiled, _post_compiled = _not_compiled(_pre), _not_compiled(_post)
+        _next_draw_compiled = _not_compiled(_next_draw)
 
 
 def _undo(frame: list[Any]) -> None:
@@ -339,6 +365,7 @@ def find_slot(module: nn.Module) -> Optional[_Slot]:
 def _slot(module: nn.Module) -> _Slot:
     slot = find_slot(module)
     if slot is None:
+        _compile_proof()
         slot = _Slot()
         module.register_forward_pre_hook(_PreHook(slot))
         module.register_forward_hook(_PostHook(slot), with_kwargs=True, always_call=True)
@@ -413,17 +440,19 @@ class _RootHook:
 
     def __call__(self, module: nn.Module, args: Any) -> None:
         if module.training and self.owner is not None:
-            _next_draw(self)
+            (_next_draw_compiled if _is_compiling() else _next_draw)(self)
 
     def __reduce__(self) -> tuple:
         return (_RootHook, ())
 
 
-@_not_compiled
 def _next_draw(hook: _RootHook) -> None:
     owner = hook.owner()
     if owner is not None and outside_backward():
         owner.next_draw()
+
+
+_next_draw_compiled: Callable[..., Any] = _next_draw
 
 
 def root_hook(model: nn.Module, owner: Any) -> None:
@@ -464,7 +493,7 @@ class _Outer(NamedTuple):
 class Noise:
     """One weight's noise for one draw: its std, seed, generator, layout and kept row."""
 
-    __slots__ = ("generator", "keep", "seed", "std", "transposed")
+    __slots__ = ("generator", "keep", "scale", "seed", "std", "transposed")
 
     def __init__(
         self,
@@ -473,12 +502,16 @@ class Noise:
         generator: torch.Generator,
         transposed: bool,
         keep: Optional[int] = None,
+        ndim: int = 2,
     ):
         self.std = std
         self.seed = seed
         self.generator = generator
         self.transposed = transposed
         self.keep = keep
+        shape = [1] * ndim
+        shape[row_dim(std, transposed) if ndim > 1 else 0] = -1
+        self.scale = std.view(shape)  # the std broadcast to the weight's storage layout
 
     def epsilon(self, weight: Tensor, dtype: torch.dtype) -> Tensor:
         """ε itself, drawn in ``dtype``: for quantized weights, which have no float dtype."""
@@ -494,15 +527,13 @@ class Noise:
         return eps.to(dtype)
 
     def apply(self, weight: Tensor) -> Tensor:
-        return perturbed_weight(
-            weight,
-            self.std,
-            transposed=self.transposed,
-            generator=self.generator,
-            seed=self.seed,
-            run=_parallel,
-            keep=self.keep,
+        """W + ε, a new tensor; grad mode must be off if W requires grad."""
+        scale = (
+            self.scale
+            if self.scale.ndim == weight.ndim
+            else _broadcast(self.std, weight, self.transposed)
         )
+        return _perturbed_weight(weight, scale, self.generator, self.seed, _parallel, self.keep)
 
 
 class _PerturbedWeight(torch.autograd.Function):
@@ -658,7 +689,10 @@ def _unpack(packed: Any) -> Tensor:
                 f"{packed.version} instead. Do not modify the weight between forward and "
                 "backward."
             )
-        with torch.no_grad():
+        if torch.is_grad_enabled():  # backward with create_graph=True
+            with torch.no_grad():
+                full = packed.noise.apply(packed.weight)
+        else:
             full = packed.noise.apply(packed.weight)
         return full.as_strided(packed.size, packed.stride, packed.offset)
     if isinstance(packed, _Outer):
@@ -723,7 +757,9 @@ class Arming:
                 std = self._stds[site.index] = site.std(self.sigma, weight)
             generator = self._generators(weight.device)
             keep = site.readers[0].keep
-            noise = Noise(std, self._seed_of(site.index), generator, site.transposed, keep)
+            noise = Noise(
+                std, self._seed_of(site.index), generator, site.transposed, keep, weight.ndim
+            )
             self._noises[site.index] = noise
         return noise
 

@@ -177,8 +177,14 @@ def _accumulate_dtype(weight: Tensor) -> torch.dtype:
 
 def _logical_matrix(weight: Tensor, transposed: bool) -> Tensor:
     """``weight`` as an ``(out, fan_in)`` matrix (a view where the layout allows)."""
+    if weight.ndim == 2:
+        return weight.t() if transposed else weight
     w = weight.transpose(0, 1) if transposed else weight
     return w.reshape(w.shape[0], -1)
+
+
+def _as(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 @torch.no_grad()
@@ -207,7 +213,9 @@ def _merged_factors(delta: Delta, acc: torch.dtype) -> tuple[Tensor, Tensor, flo
         return None
     if len(factors) == 1:
         f = factors[0]
-        return f.B.reshape(f.B.shape[0], -1), f.A.reshape(f.A.shape[0], -1), f.scale
+        B = f.B if f.B.ndim == 2 else f.B.reshape(f.B.shape[0], -1)
+        A = f.A if f.A.ndim == 2 else f.A.reshape(f.A.shape[0], -1)
+        return B, A, f.scale
     B = torch.cat([f.scale * f.B.reshape(f.B.shape[0], -1).to(acc) for f in factors], 1)
     A = torch.cat([f.A.reshape(f.A.shape[0], -1).to(acc) for f in factors], 0)
     return B, A, 1.0
@@ -254,6 +262,12 @@ def row_norms(
         >>> row_norms(W)
         tensor([5., 1.])
     """
+    return _row_norms(weight, delta, transposed, base_sq)
+
+
+def _row_norms(
+    weight: Tensor, delta: Delta, transposed: bool, base_sq: Tensor | None = None
+) -> Tensor:
     acc = _accumulate_dtype(weight)
     if isinstance(delta, Tensor):
         return base_row_sq(weight.to(acc) + delta.to(acc), transposed).sqrt_()
@@ -263,8 +277,8 @@ def row_norms(
     B, A, scale = factors
     if weight.numel() <= DENSE_ROW_NORMS:
         # W' itself, in acc precision (a new tensor: W is never written).
-        matrix = _logical_matrix(weight, transposed).to(acc)
-        merged = torch.addmm(matrix, B.to(acc), A.to(acc), alpha=scale)
+        matrix = _logical_matrix(weight, transposed)
+        merged = torch.addmm(_as(matrix, acc), _as(B, acc), _as(A, acc), alpha=scale)
         return torch.linalg.vector_norm(merged, dim=1)
     if base_sq is None:
         base_sq = base_row_sq(weight, transposed)
@@ -291,7 +305,11 @@ def noise_std(
     """
     rows = weight.shape[row_dim(weight, transposed)]
     fan_in = weight.numel() // max(rows, 1)
-    norms = row_norms(weight, delta, transposed=transposed, base_sq=base_sq)
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            norms = _row_norms(weight, delta, transposed, base_sq)
+    else:
+        norms = _row_norms(weight, delta, transposed, base_sq)
     return norms.mul_(sigma / math.sqrt(max(fan_in, 1)))
 
 
@@ -334,6 +352,8 @@ def blocks(weight: Tensor) -> list[slice]:
 
 
 Runner = Callable[[Callable[[int, torch.Generator], None], int], None]
+
+_whole = (slice(None),)  # one block: every weight of at most BLOCK_ELEMENTS elements
 
 
 def _serial(generator: torch.Generator) -> Runner:
@@ -378,10 +398,23 @@ def perturbed_weight(
         >>> torch.equal(a, perturbed_weight(W, torch.ones(2), generator=g, seed=1))
         True
     """
-    out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
     scale = _broadcast(std, weight, transposed)
-    parts = blocks(weight)
-    if len(parts) == 1:  # the common small case, without the per-block bookkeeping
+    return _perturbed_weight(weight, scale, generator, seed, run, keep)
+
+
+def _perturbed_weight(
+    weight: Tensor,
+    scale: Tensor,
+    generator: torch.Generator,
+    seed: int,
+    run: Optional[Runner] = None,
+    keep: Optional[int] = None,
+) -> Tensor:
+    """`perturbed_weight` with the std already broadcast to W's storage layout; no grad mode
+    is entered, so a W that requires grad must come with grad mode off."""
+    out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    parts = _whole if weight.numel() <= BLOCK_ELEMENTS else blocks(weight)
+    if len(parts) == 1:  # a single block: its seed is the draw's own
         generator.manual_seed(seed)
         out.normal_(generator=generator)
         torch.addcmul(weight, out, scale, out=out)
