@@ -49,7 +49,16 @@ _push_hooks = _C._push_saved_tensors_default_hooks
 _pop_hooks = _C._pop_saved_tensors_default_hooks
 _top_hooks = getattr(_C, "_top_saved_tensors_default_hooks", None)
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
-_is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
+_functorch = torch._C._functorch
+_is_wrapped = getattr(_functorch, "is_functorch_wrapped_tensor", lambda t: False)
+_in_transform = getattr(_functorch, "peek_interpreter_stack", lambda: None)
+
+
+def _unwrap(tensor: Any) -> Any:
+    """The plain tensor inside torch.func's wrappers (the noise law treats it as a constant)."""
+    while isinstance(tensor, Tensor) and _is_wrapped(tensor):
+        tensor = _functorch.get_unwrapped(tensor)
+    return tensor
 
 
 def _owner(module: nn.Module, param_name: str) -> tuple[nn.Module, str]:
@@ -74,15 +83,18 @@ def _write(owner: nn.Module, name: str, value: Tensor) -> None:
     owner.__dict__[name] = value
 
 
-def _full(delta: Any) -> Any:
-    """ΔW with any factor still sharded (a DTensor: its own FSDP unit) gathered whole."""
+def _full(delta: Any, unwrap: bool = False) -> Any:
+    """ΔW with any factor still sharded (a DTensor: its own FSDP unit) gathered whole, and
+    with ``unwrap`` the plain tensors inside torch.func's wrappers."""
     if isinstance(delta, (list, tuple)):
-        return [_full(d) for d in delta]
+        return [_full(d, unwrap) for d in delta]
     if is_dtensor(delta):
         return delta.full_tensor()
+    if unwrap and isinstance(delta, Tensor):
+        return _unwrap(delta)
     B, A = getattr(delta, "B", None), getattr(delta, "A", None)
-    if is_dtensor(B) or is_dtensor(A):
-        return type(delta)(_full(B), _full(A), delta.scale)
+    if is_dtensor(B) or is_dtensor(A) or (unwrap and B is not None):
+        return type(delta)(_full(B, unwrap), _full(A, unwrap), delta.scale)
     return delta
 
 
@@ -162,11 +174,13 @@ class Site:
             )
         return op
 
-    def std(self, sigma: float, weight: Tensor) -> Tensor:
-        """The per-row noise std σ·‖W'_i‖/√n, from ``weight`` (the tensor the forward reads)."""
+    def std(self, sigma: float, weight: Tensor, unwrap: bool = False) -> Tensor:
+        """The per-row noise std σ·‖W'_i‖/√n, from ``weight`` (the tensor the forward reads).
+
+        ``unwrap``: inside torch.func transforms, read the plain tensors in their wrappers."""
         target = self.target
         with torch.no_grad():
-            delta = _full(target.delta()) if target.delta is not None else None
+            delta = _full(target.delta(), unwrap) if target.delta is not None else None
             dense = weight if is_plain(weight) else dequantized(weight)
             base_sq = None
             identity = dense.numel() > DENSE_ROW_NORMS or delta is None
@@ -241,7 +255,7 @@ class _Slot:
     A pickled or copied slot comes back empty: what is armed belongs to the original model.
     """
 
-    __slots__ = ("__weakref__", "auto", "frames", "installed", "owner", "swaps")
+    __slots__ = ("__weakref__", "auto", "clean", "frames", "installed", "owner", "swaps", "watch")
 
     def __init__(self) -> None:
         self.swaps: dict[str, _Swap] = {}  # param name -> the armed swap
@@ -249,6 +263,8 @@ class _Slot:
         self.auto = False  # a FlatPerturb(auto=True) arms itself from this module's forward
         self.owner: Optional[weakref.ref] = None
         self.installed = True
+        self.watch = False  # an explicit FlatPerturb counts training forwards left clean
+        self.clean = 0
 
     def __reduce__(self) -> tuple:
         return (_Slot, ())
@@ -266,6 +282,8 @@ class _PreHook:
         slot = self.slot
         if slot.swaps or (slot.auto and module.training):
             (_pre_compiled if _is_compiling() else _pre)(slot, module)
+        elif slot.watch and module.training and not _is_compiling():
+            slot.clean += 1  # a training forward outside perturb()/restore()
 
     def __reduce__(self) -> tuple:
         return (_PreHook, (self.slot,))
@@ -287,6 +305,23 @@ class _PostHook:
 
     def __reduce__(self) -> tuple:
         return (_PostHook, (self.slot,))
+
+
+class _StateDictHook:
+    """Before a module's state dict is taken: undo a call whose forward hook never ran (a
+    KeyboardInterrupt inside an auto-armed forward), so the checkpoint holds W."""
+
+    __slots__ = ("slot",)
+
+    def __init__(self, slot: _Slot):
+        self.slot = slot
+
+    def __call__(self, module: nn.Module, prefix: str, keep_vars: bool) -> None:
+        if self.slot.frames:
+            _unwind(self.slot)
+
+    def __reduce__(self) -> tuple:
+        return (_StateDictHook, (self.slot,))
 
 
 def _not_compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -369,6 +404,7 @@ def _slot(module: nn.Module) -> _Slot:
         slot = _Slot()
         module.register_forward_pre_hook(_PreHook(slot))
         module.register_forward_hook(_PostHook(slot), with_kwargs=True, always_call=True)
+        module.register_state_dict_pre_hook(_StateDictHook(slot))
     return slot
 
 
@@ -414,8 +450,10 @@ def remove_hooks(model: nn.Module) -> int:
 def drop_hooks(module: nn.Module) -> None:
     """Take flatopt's two hooks off one module (nothing may be armed on it)."""
     slot = find_slot(module)
-    for hooks in (module._forward_pre_hooks, module._forward_hooks):
-        for key in [k for k, h in hooks.items() if isinstance(h, (_PreHook, _PostHook))]:
+    for hooks in (module._forward_pre_hooks, module._forward_hooks, module._state_dict_pre_hooks):
+        for key in [
+            k for k, h in hooks.items() if isinstance(h, (_PreHook, _PostHook, _StateDictHook))
+        ]:
             del hooks[key]
             for extra in (
                 "_forward_hooks_with_kwargs",
@@ -587,6 +625,8 @@ class _Swap:
             self.site._check_quantized(reader, weight)
             arming.calls += 1
             return _Entry(self, weight, None, None)  # output-side noise, added in post
+        if _in_transform() is not None:
+            return self._pre_transformed(weight)
         noise = arming.noise(self.site, weight)
         if weight.requires_grad and torch.is_grad_enabled():
             perturbed = _PerturbedWeight.apply(weight, noise)
@@ -603,10 +643,28 @@ class _Swap:
         arming.calls += 1
         return entry
 
+    def _pre_transformed(self, weight: Tensor) -> _Entry:
+        """Inside torch.func transforms (grad, jacrev, vmap, ...): the noise is drawn outside
+        them (it depends on no input, and vmap's default randomness refuses draws), and no
+        saved-tensor hooks are pushed (the transforms refuse them), so autograd keeps W + ε."""
+        plain = _unwrap(weight)
+        with torch._C._DisableFuncTorch():
+            noise = self.arming.noise(self.site, plain, unwrap=True)
+            if plain is weight:
+                perturbed = noise.apply(plain)
+            else:
+                eps = noise.epsilon(plain, plain.dtype)
+        if plain is not weight:  # W itself is a transform's input: keep W + ε differentiable
+            perturbed = weight + eps
+        _write(self.reader.owner, self.reader.attr, perturbed)
+        self.arming.calls += 1
+        return _Entry(self, weight, perturbed, None)
+
     def post(self, entry: _Entry, args: Any, kwargs: Any, output: Any) -> Any:
         if entry.perturbed is None:
             return self._output_noise(entry.weight, args, kwargs, output)
-        _pop_hooks()
+        if entry.hooks is not None:
+            _pop_hooks()
         reader = self.reader
         # Write W back only if the module still holds our W + ε (FSDP may have resharded it).
         if _read(reader.owner, reader.attr) is entry.perturbed:
@@ -622,7 +680,7 @@ class _Swap:
             _write(reader.owner, reader.attr, entry.weight)
         # A forward re-run inside backward entered its hooks in autograd's own copy of the
         # thread state, which is gone by now: pop them only if they are still on top.
-        top = _top_hooks(False) if _top_hooks is not None else None
+        top = _top_hooks(False) if _top_hooks is not None and entry.hooks is not None else None
         if top is not None and top[0] is entry.hooks:
             _pop_hooks()
 
@@ -749,12 +807,12 @@ class Arming:
             raise
         self.size = len(self._swaps)  # how many (module, weight) pairs were armed
 
-    def noise(self, site: Site, weight: Tensor) -> Noise:
+    def noise(self, site: Site, weight: Tensor, unwrap: bool = False) -> Noise:
         noise = self._noises.get(site.index)
         if noise is None:
             std = self._stds.get(site.index)
             if std is None:
-                std = self._stds[site.index] = site.std(self.sigma, weight)
+                std = self._stds[site.index] = site.std(self.sigma, weight, unwrap)
             generator = self._generators(weight.device)
             keep = site.readers[0].keep
             noise = Noise(

@@ -124,12 +124,14 @@ class _State:
         before = {id(r.target.module): r.name for site in self.sites for r in site.readers}
         self.sites = build_sites(find_targets(self.model, self.adapters), roots, indexed)
         self.stds, self.stds_step = {}, -1
-        if self.auto:
-            for site in self.sites:
-                for reader in site.readers:
+        for site in self.sites:
+            for reader in site.readers:
+                if self.auto:
                     reader.slot.auto, reader.slot.owner = True, weakref.ref(self)
-            if self.resample == "call":
-                root_hook(self.model, self)
+                else:
+                    reader.slot.watch = True
+        if self.auto and self.resample == "call":
+            root_hook(self.model, self)
         after = {id(r.target.module): r.name for site in self.sites for r in site.readers}
         gone = sorted(name for key, name in before.items() if key not in after)
         if warn and gone:  # a module moved within the model is found again, silently
@@ -187,6 +189,22 @@ class _State:
         """Called by the model's forward in training mode (``auto=True, resample="call"``)."""
         if self.arming is not None:
             self.disarm()
+
+    def clean_forwards(self) -> int:
+        """Training-mode target forwards that ran unperturbed since the last call."""
+        count = 0
+        for site in self.sites:
+            for reader in site.readers:
+                count += reader.slot.clean
+                reader.slot.clean = 0
+        return count
+
+    def __del__(self) -> None:
+        # A FlatPerturb dropped while armed (a trainer stopped mid-step) leaves nothing armed.
+        arming = getattr(self, "arming", None)
+        if arming is not None:
+            with contextlib.suppress(Exception):
+                arming.disarm()
 
     def warn_once(self, key: str, message: str) -> None:
         if key not in self.warned:
@@ -312,7 +330,7 @@ class FlatPerturb(torch.optim.Optimizer):
                     "module -> flatopt.Target | None."
                 )
 
-        self.optimizer = optimizer
+        self._inner = optimizer
         settings = {
             "seed": seed,
             "sigma": sigma,
@@ -336,28 +354,37 @@ class FlatPerturb(torch.optim.Optimizer):
     # -- the wrapped optimizer's state, shared rather than copied ---------------------------
 
     @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The wrapped optimizer.
+
+        flatopt itself reads it as ``_inner``: a framework wrapper that subclasses the
+        FlatPerturb may define its own ``optimizer`` (LightningOptimizer does).
+        """
+        return self._inner
+
+    @property
     def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self.optimizer.param_groups
+        return self._inner.param_groups
 
     @param_groups.setter
     def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
+        self._inner.param_groups = value
 
     @property
     def state(self) -> Any:  # type: ignore[override]
-        return self.optimizer.state
+        return self._inner.state
 
     @state.setter
     def state(self, value: Any) -> None:
-        self.optimizer.state = value
+        self._inner.state = value
 
     @property
     def defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        return self.optimizer.defaults
+        return self._inner.defaults
 
     @defaults.setter
     def defaults(self, value: dict[str, Any]) -> None:
-        self.optimizer.defaults = value
+        self._inner.defaults = value
 
     # -- read-only views --------------------------------------------------------------------
 
@@ -514,6 +541,7 @@ class FlatPerturb(torch.optim.Optimizer):
                 "opt.step(), or use `with opt.perturbed():`."
             )
         sigma = state.sigma_t()
+        clean = 0 if state.auto else state.clean_forwards()
         if not state.auto and not state.perturbed_step:
             if closure is not None:
                 closure = self._perturbed_closure(closure)
@@ -525,8 +553,17 @@ class FlatPerturb(torch.optim.Optimizer):
                     "forward and backward, or build FlatPerturb(..., auto=True) when a trainer "
                     "(HF Trainer, Lightning, Accelerate, ...) owns the loop.",
                 )
+        elif not state.auto and clean and sigma > 0:
+            state.warn_once(
+                "partly",
+                f"{clean} training-mode forwards of target layers ran outside "
+                "perturb()/restore() in this step, so they trained on the clean weights (a "
+                "trainer's gradient accumulation running micro-batches outside step(closure)?). "
+                "Perturb every micro-batch, or build FlatPerturb(..., auto=True) when a trainer "
+                "owns the loop.",
+            )
         try:
-            loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+            loss = self._inner.step() if closure is None else self._inner.step(closure)
         finally:
             if state.auto:
                 state.disarm()
@@ -553,11 +590,11 @@ class FlatPerturb(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Forward to the wrapped optimizer's ``zero_grad``."""
-        self.optimizer.zero_grad(set_to_none=set_to_none)
+        self._inner.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Forward to the wrapped optimizer's ``add_param_group``."""
-        self.optimizer.add_param_group(param_group)
+        self._inner.add_param_group(param_group)
 
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's state dict plus a ``"flatopt"`` entry.
@@ -567,7 +604,7 @@ class FlatPerturb(torch.optim.Optimizer):
         name (``module.qualname``).
         """
         state = self._state
-        sd = self.optimizer.state_dict()
+        sd = self._inner.state_dict()
         sd["flatopt"] = {
             "seed": state.seed,
             "num_steps": state.step,
@@ -661,12 +698,12 @@ class FlatPerturb(torch.optim.Optimizer):
         own = state_dict.get("flatopt") if isinstance(state_dict, dict) else None
         settings = self._check_own(own) if own is not None else None
         inner = {key: value for key, value in state_dict.items() if key != "flatopt"}
-        before = self.optimizer.state_dict()
+        before = self._inner.state_dict()
         try:
-            self.optimizer.load_state_dict(inner)
+            self._inner.load_state_dict(inner)
         except BaseException:
             with contextlib.suppress(Exception):  # put the old state back, then re-raise
-                self.optimizer.load_state_dict(before)
+                self._inner.load_state_dict(before)
             raise
         state.disarm()  # an auto-armed step belongs to the old step count
         if settings is None:
@@ -692,7 +729,7 @@ class FlatPerturb(torch.optim.Optimizer):
                 "first."
             )
         return {
-            "optimizer": self.optimizer,
+            "optimizer": self._inner,
             "model": state.model,
             "adapters": state.adapters,
             "settings": {
@@ -719,7 +756,7 @@ class FlatPerturb(torch.optim.Optimizer):
         schedule = getattr(state.schedule, "__name__", None) or repr(state.schedule)
         if isinstance(state.schedule, str):
             schedule = repr(state.schedule)
-        inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
+        inner = "\n".join("    " + line for line in repr(self._inner).splitlines())
         return (
             f"FlatPerturb (\n"
             f"  sigma: {state.sigma:g} (now {self.sigma:.4g})\n"
