@@ -24,7 +24,9 @@ def main() -> None:
     model = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 4))
     add_lora(model, ["0", "2"], rank=4, alpha=8)
     inner = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    # total_steps counts optimizer steps: the ramp is the same whatever `accumulate` is.
+    # total_steps counts optimizer steps, not micro-batches: with a loader of micro-batches,
+    # total_steps = epochs * (len(loader) // accumulate). The ramp is then the same whatever
+    # `accumulate` is.
     opt = flatopt.FlatPerturb(inner, model, sigma=0.05, total_steps=steps, resample="step")
     x, y = torch.randn(2048, 16), torch.randn(2048, 4)
 
