@@ -281,8 +281,8 @@ class _PreHook:
     def __call__(self, module: nn.Module, args: Any) -> None:
         slot = self.slot
         if slot.swaps or (slot.auto and module.training):
-            (_pre_compiled if _is_compiling() else _pre)(slot, module)
-        elif slot.watch and module.training and not _is_compiling():
+            _pre_compiled(slot, module)
+        elif slot.watch and module.training and torch.is_grad_enabled() and not _is_compiling():
             slot.clean += 1  # a training forward outside perturb()/restore()
 
     def __reduce__(self) -> tuple:
@@ -299,8 +299,7 @@ class _PostHook:
 
     def __call__(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
         if self.slot.frames:
-            post = _post_compiled if _is_compiling() else _post
-            return post(self.slot, module, args, kwargs, output)
+            return _post_compiled(self.slot, module, args, kwargs, output)
         return None
 
     def __reduce__(self) -> tuple:
@@ -325,9 +324,9 @@ class _StateDictHook:
 
 
 def _not_compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
-    # torch.compile must run the armed path eagerly: it draws noise and enters saved-tensor
-    # hooks. The unarmed test in the hooks above is plain Python that compiles away, and
-    # eager calls skip the wrapper (it costs more than the test itself).
+    # torch.compile must run the armed path eagerly, frames below it included: it draws
+    # noise and enters saved-tensor hooks. The unarmed test in the hooks above is plain
+    # Python that compiles away, and costs no wrapper call.
     disable = getattr(getattr(torch, "compiler", None), "disable", None)
     return disable(fn) if disable is not None else fn
 
@@ -478,7 +477,7 @@ class _RootHook:
 
     def __call__(self, module: nn.Module, args: Any) -> None:
         if module.training and self.owner is not None:
-            (_next_draw_compiled if _is_compiling() else _next_draw)(self)
+            _next_draw_compiled(self)
 
     def __reduce__(self) -> tuple:
         return (_RootHook, ())

@@ -122,7 +122,14 @@ class _State:
     def scan(self, warn: bool) -> None:
         roots, indexed = self.roots()
         before = {id(r.target.module): r.name for site in self.sites for r in site.readers}
+        old_slots = [r.slot for site in self.sites for r in site.readers]
         self.sites = build_sites(find_targets(self.model, self.adapters), roots, indexed)
+        current = {id(r.slot) for site in self.sites for r in site.readers}
+        for slot in old_slots:  # a module no longer in the model no longer arms anything
+            if id(slot) not in current and slot.owner is not None and slot.owner() is self:
+                slot.auto, slot.owner = False, None
+            if id(slot) not in current:
+                slot.watch = False
         self.stds, self.stds_step = {}, -1
         for site in self.sites:
             for reader in site.readers:
@@ -545,6 +552,8 @@ class FlatPerturb(torch.optim.Optimizer):
         if not state.auto and not state.perturbed_step:
             if closure is not None:
                 closure = self._perturbed_closure(closure)
+                if clean and sigma > 0:  # micro-batches ran before the closure, unperturbed
+                    state.warn_once("partly", self._partly_message(clean))
             elif sigma > 0:
                 state.warn_once(
                     "explicit",
@@ -554,14 +563,7 @@ class FlatPerturb(torch.optim.Optimizer):
                     "(HF Trainer, Lightning, Accelerate, ...) owns the loop.",
                 )
         elif not state.auto and clean and sigma > 0:
-            state.warn_once(
-                "partly",
-                f"{clean} training-mode forwards of target layers ran outside "
-                "perturb()/restore() in this step, so they trained on the clean weights (a "
-                "trainer's gradient accumulation running micro-batches outside step(closure)?). "
-                "Perturb every micro-batch, or build FlatPerturb(..., auto=True) when a trainer "
-                "owns the loop.",
-            )
+            state.warn_once("partly", self._partly_message(clean))
         try:
             loss = self._inner.step() if closure is None else self._inner.step(closure)
         finally:
@@ -580,6 +582,15 @@ class FlatPerturb(torch.optim.Optimizer):
         state.perturbed_step = False
         state.calls_step = 0
         return loss
+
+    @staticmethod
+    def _partly_message(clean: int) -> str:
+        return (
+            f"{clean} training-mode forwards of target layers ran outside perturb()/restore() "
+            "in this step, so they trained on the clean weights (a trainer's gradient "
+            "accumulation running micro-batches outside step(closure)?). Perturb every "
+            "micro-batch, or build FlatPerturb(..., auto=True) when a trainer owns the loop."
+        )
 
     def _perturbed_closure(self, closure: Callable[[], Any]) -> Callable[[], Any]:
         def perturbed_closure() -> Any:

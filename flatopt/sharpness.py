@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Union, overload
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +21,7 @@ __all__ = ["Sharpness", "sharpness"]
 
 @dataclass(frozen=True)
 class Sharpness:
-    """The result of `sharpness`.
+    """The result of `sharpness` at one σ.
 
     Attributes:
         mean: E_ε[L(W' + ε)] − L(W'), averaged over the noise samples.
@@ -30,6 +30,14 @@ class Sharpness:
         clean_loss: L(W'), the unperturbed loss.
         increases: the increase for each noise sample.
         sigma: the σ the noise was drawn with.
+        seed: the root seed of the draws. Two measurements with the same seed, on models with
+            the same targets, meet the same draws of z: compare them draw by draw.
+
+    Example:
+        >>> result = Sharpness(0.2, 0.08, 0.04, 1.0, (0.1, 0.2, 0.3, 0.2), sigma=0.1)
+        >>> low, high = result.ci()  # 0.2 ± 3.182 · 0.04, Student's t with 3 df
+        >>> round(low, 3), round(high, 3)
+        (0.073, 0.327)
     """
 
     mean: float
@@ -38,18 +46,75 @@ class Sharpness:
     clean_loss: float
     increases: tuple[float, ...]
     sigma: float
+    seed: int = 0
+
+    def ci(self, level: float = 0.95) -> tuple[float, float]:
+        """The t-based confidence interval of `mean` over the noise draws.
+
+        It covers the Monte Carlo error of the draws only: the model and the batches are fixed.
+        With one sample the interval is (-inf, inf).
+
+        Args:
+            level: the coverage, in (0, 1).
+
+        Raises:
+            ValueError: ``level`` outside (0, 1).
+        """
+        if not 0.0 < level < 1.0:
+            raise ValueError(f"Invalid level: {level!r}. Pass a coverage in (0, 1), e.g. 0.95.")
+        samples = len(self.increases)
+        if samples < 2:
+            return -math.inf, math.inf
+        half = _t_quantile(level, samples - 1) * self.stderr
+        return self.mean - half, self.mean + half
 
     def __str__(self) -> str:
         return f"{self.mean:.4g} ± {self.stderr:.2g} (σ={self.sigma:g}, n={len(self.increases)})"
 
 
+def _t_quantile(level: float, df: int) -> float:
+    """The two-sided ``level`` quantile of Student's t with ``df`` degrees of freedom.
+
+    Solves P(|T| ≤ t) = level by bisection on the exact finite-sum CDF for integer ``df``
+    (Abramowitz & Stegun 26.7.3–4), so no scipy is needed.
+
+    Example:
+        >>> round(_t_quantile(0.95, 9), 3)
+        2.262
+    """
+
+    def inside(t: float) -> float:  # P(|T| <= t)
+        theta = math.atan(t / math.sqrt(df))
+        cos2, sin = math.cos(theta) ** 2, math.sin(theta)
+        if df % 2:
+            term, total = 1.0, 1.0 if df > 1 else 0.0
+            for k in range(1, (df - 1) // 2):
+                term *= cos2 * (2 * k) / (2 * k + 1)
+                total += term
+            return 2 / math.pi * (theta + sin * math.cos(theta) * total)
+        term = total = 1.0
+        for k in range(1, df // 2):
+            term *= cos2 * (2 * k - 1) / (2 * k)
+            total += term
+        return sin * total
+
+    low, high = 0.0, 1.0
+    while inside(high) < level:
+        high *= 2
+    for _ in range(100):
+        mid = (low + high) / 2
+        low, high = (mid, high) if inside(mid) < level else (low, mid)
+    return (low + high) / 2
+
+
 def _perturbed_increases(
     sites: list, sigma: float, seed: int, samples: int, loss_fn: Any, batches: list, clean: float
-) -> list[float]:
-    """The loss increase under each of ``samples`` draws (the std is computed once)."""
+) -> tuple[list[float], int]:
+    """The loss increase under each of ``samples`` draws (the std is computed once), and how
+    many target forwards ran perturbed. The one place that drives flatopt's arming."""
     stds: dict = {}
     generators = Generators()
-    increases = []
+    increases, calls = [], 0
     for draw in range(samples):
         prefix = step_seed(seed, 0, draw)
         arming = Arming(sites, sigma, lambda i, p=prefix: seed_of_target(p, i), stds, generators)
@@ -57,11 +122,61 @@ def _perturbed_increases(
             increases.append(_mean_loss(loss_fn, batches) - clean)
         finally:
             arming.disarm()
-    return increases
+        calls += arming.calls
+    return increases, calls
 
 
 def _mean_loss(loss_fn: Callable[[Any], Tensor], batches: list[Any]) -> float:
     return sum(float(loss_fn(batch)) for batch in batches) / len(batches)
+
+
+def _summary(increases: list[float], clean: float, sigma: float, seed: int) -> Sharpness:
+    std = statistics.stdev(increases) if len(increases) > 1 else 0.0
+    return Sharpness(
+        mean=statistics.fmean(increases),
+        std=std,
+        stderr=std / math.sqrt(len(increases)),
+        clean_loss=clean,
+        increases=tuple(increases),
+        sigma=sigma,
+        seed=seed,
+    )
+
+
+def _check_sigmas(sigma: Any) -> list[float]:
+    if isinstance(sigma, (str, bytes)) or not isinstance(sigma, Sequence):
+        return [check_sigma(sigma)]
+    if not sigma:
+        raise ValueError("Invalid sigma: an empty sequence. Pass a σ, or several: (0.05, 0.1).")
+    return [check_sigma(s) for s in sigma]
+
+
+@overload
+def sharpness(
+    model: Union[nn.Module, Iterable[nn.Module]],
+    loss_fn: Callable[[Any], Tensor],
+    batches: Iterable[Any],
+    *,
+    sigma: float = ...,
+    samples: int = ...,
+    seed: int = ...,
+    adapters: Iterable[Adapter] = ...,
+    eval_mode: bool = ...,
+) -> Sharpness: ...
+
+
+@overload
+def sharpness(
+    model: Union[nn.Module, Iterable[nn.Module]],
+    loss_fn: Callable[[Any], Tensor],
+    batches: Iterable[Any],
+    *,
+    sigma: Sequence[float],
+    samples: int = ...,
+    seed: int = ...,
+    adapters: Iterable[Adapter] = ...,
+    eval_mode: bool = ...,
+) -> list[Sharpness]: ...
 
 
 @torch.no_grad()
@@ -70,35 +185,46 @@ def sharpness(
     loss_fn: Callable[[Any], Tensor],
     batches: Iterable[Any],
     *,
-    sigma: float = 0.05,
+    sigma: Union[float, Sequence[float]] = 0.05,
     samples: int = 8,
     seed: int = 0,
     adapters: Iterable[Adapter] = (),
     eval_mode: bool = True,
-) -> Sharpness:
+) -> Union[Sharpness, list[Sharpness]]:
     """Measure the expected loss increase E_ε[L(W' + ε)] − L(W') under the Flat-LoRA law.
 
     Each of ``samples`` draws perturbs every target with ε_ij = σ·‖W'_i‖/√n·z_ij (σ fixed, no
     schedule) and evaluates the mean of ``loss_fn`` over ``batches``. A flat solution has a
     small increase; it is the quantity Flat-LoRA's objective penalises. The model's weights are
-    never written, and the global RNG is not used.
+    never written, the global RNG is not used, and no hook is left on the model.
+
+    Several σ in one call (``sigma=(0.05, 0.1, 0.2)``) share the clean loss and the draws of
+    z, so the curve against σ is smooth and costs ``1 + len(sigma) · samples`` evaluations.
+    The same ``seed`` gives the same z to every model with the same targets: two models
+    measured with one seed can be compared draw by draw (a paired difference).
 
     Args:
         model: the model (or iterable of modules) to scan for targets, as in FlatPerturb.
-        loss_fn: called as ``loss_fn(batch)`` and returns a scalar loss; it runs the model.
+        loss_fn: called as ``loss_fn(batch)`` and returns a scalar loss; it runs the model,
+            calling its modules as ``module(x)`` so that flatopt's forward hooks run.
         batches: the batches to average over (held-out data shows generalisation).
-        sigma: the relative noise scale.
-        samples: the number of noise draws.
+        sigma: the relative noise scale, or a sequence of them.
+        samples: the number of noise draws per σ.
         seed: the root seed of the draws.
         adapters: extra adapters, as in FlatPerturb.
         eval_mode: measure with the model in eval mode (no dropout); its modes are put back.
 
     Returns:
-        The mean increase, its spread and the clean loss, as a `Sharpness`.
+        A `Sharpness` (the mean increase, its spread, `Sharpness.ci`, the clean loss) for a
+        single σ; a list of them, in the order given, for a sequence of σ.
 
     Raises:
-        ValueError: a negative ``sigma``, bad ``samples``, no batches, or no target in the model.
+        ValueError: a negative ``sigma``, an empty sequence of them, bad ``samples``, no
+            batches, or no target in the model.
         TypeError: a non-numeric ``sigma``.
+        RuntimeError: no target layer ran while the noise was applied, so the increase would
+            be a meaningless 0 (a model compiled before flatopt's hooks were on it, or a
+            ``loss_fn`` that calls ``module.forward(x)``).
 
     Example:
         >>> from flatopt.lora import add_lora
@@ -106,37 +232,50 @@ def sharpness(
         >>> x, y = torch.randn(32, 8), torch.randn(32, 1)
         >>> loss = lambda batch: torch.nn.functional.mse_loss(net(batch[0]), batch[1])
         >>> result = sharpness(net, loss, [(x, y)], sigma=0.1, samples=4)
-        >>> result.mean >= -1.0
+        >>> low, high = result.ci()
+        >>> low <= result.mean <= high
         True
+        >>> curve = sharpness(net, loss, [(x, y)], sigma=(0.05, 0.1, 0.2), samples=4)
+        >>> [s.sigma for s in curve]
+        [0.05, 0.1, 0.2]
     """
-    sigma = check_sigma(sigma)
+    sigmas = _check_sigmas(sigma)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"Invalid samples: {samples!r}. Pass a positive int, e.g. samples=8.")
     batches = list(batches)
     if not batches:
         raise ValueError("batches is empty; pass at least one batch to evaluate the loss on.")
+    # Materialised once: an iterator would be used up by the target search below.
     modules = [model] if isinstance(model, nn.Module) else list(model)
     modes = [(m, m.training) for root in modules for m in root.modules()]
     hooked = {id(m) for m, _ in modes if find_slot(m) is not None}
+    results = []
     try:
         sites = build_sites(find_targets(modules, adapters))
         if eval_mode:
             for root in modules:
                 root.eval()
         clean = _mean_loss(loss_fn, batches)
-        increases = _perturbed_increases(sites, sigma, seed, samples, loss_fn, batches, clean)
+        for value in sigmas:
+            increases, calls = _perturbed_increases(
+                sites, value, seed, samples, loss_fn, batches, clean
+            )
+            if calls == 0:
+                raise RuntimeError(
+                    f"sharpness: none of the {len(sites)} target layers ran while the noise was "
+                    "applied, so every loss was the clean one. flatopt perturbs through forward "
+                    "hooks: call modules as module(x), not module.forward(x), and do not measure "
+                    "through a torch.compile'd model compiled before flatopt's hooks were on it "
+                    "(build the FlatPerturb before compiling, or let loss_fn call the "
+                    "uncompiled model)."
+                )
+            results.append(_summary(increases, clean, value, seed))
     finally:
         for module, training in modes:
             module.training = training
         for module, _ in modes:  # leave the model exactly as found: no new hooks
             if id(module) not in hooked and find_slot(module) is not None:
                 drop_hooks(module)
-    std = statistics.stdev(increases) if samples > 1 else 0.0
-    return Sharpness(
-        mean=statistics.fmean(increases),
-        std=std,
-        stderr=std / math.sqrt(samples),
-        clean_loss=clean,
-        increases=tuple(increases),
-        sigma=sigma,
-    )
+    if isinstance(sigma, (str, bytes)) or not isinstance(sigma, Sequence):
+        return results[0]
+    return results
