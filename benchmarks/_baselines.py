@@ -19,20 +19,41 @@ accumulated over the micro-batches, then the optimizer steps and the gradients a
 - `CopyRestore`: exact but heavy. It keeps a copy of every target weight, adds the noise in
   place, and copies the clean weights back after the backward: bitwise exact, at the price of
   one extra copy of all the target weights.
+
+The noise floors: `draw_floor` and `ThreadedFloor` draw 2 standard-normal tensors of every
+target's shape per micro-batch; `count_draws` records the draws a call really makes (every
+``aten.normal_``, by shape) and `replay_draws` makes the same draws on one generator.
+
+The CPU seed space: torch's CPU generator (mt19937) keeps only the low 32 bits of a seed.
+`SEED_DRAWS` are ways to draw z ~ N(0, 1) from a 64-bit seed, timed against each other by
+``overhead.py --seed-space``: ``seed32`` (what flatopt does), ``sum_of_two`` and ``xor_state``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from flatopt.adapters import Target, find_targets
 from flatopt.noise import derive_seed, noise_std, row_dim
 
-__all__ = ["CopyRestore", "InPlace", "LoRASAM", "PlainLoRA", "ThreadedFloor", "draw_floor"]
+__all__ = [
+    "SEED_DRAWS",
+    "CopyRestore",
+    "InPlace",
+    "LoRASAM",
+    "PlainLoRA",
+    "ThreadedFloor",
+    "count_draws",
+    "draw_floor",
+    "replay_draws",
+]
 
 Batches = Sequence[Callable[[], Tensor]]
 
@@ -228,3 +249,91 @@ class ThreadedFloor:
                     fill(0)
                     for future in futures:
                         future.result()
+
+
+class _NormalDraws(TorchDispatchMode):
+    """Records the shape, dtype and device of every in-place standard-normal draw."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.draws: list[tuple[torch.Size, torch.dtype, torch.device]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is torch.ops.aten.normal_.default:
+            self.draws.append((args[0].shape, args[0].dtype, args[0].device))
+        return func(*args, **(kwargs or {}))
+
+
+def count_draws(call: Callable[[], Any]) -> list[tuple[torch.Size, torch.dtype, torch.device]]:
+    """Run ``call()`` once and return the standard-normal draws it made (backward included).
+
+    Example:
+        >>> count_draws(lambda: torch.empty(2, 3).normal_())
+        [(torch.Size([2, 3]), torch.float32, device(type='cpu'))]
+    """
+    mode = _NormalDraws()
+    with mode:
+        call()
+    return mode.draws
+
+
+def replay_draws(
+    draws: Sequence[tuple[torch.Size, torch.dtype, torch.device]], generator: torch.Generator
+) -> None:
+    """The same standard-normal draws, each seeded afresh on one ``generator`` (the floor)."""
+    for index, (shape, dtype, device) in enumerate(draws):
+        generator.manual_seed(index)
+        torch.empty(shape, dtype=dtype, device=device).normal_(generator=generator)
+
+
+# -- the CPU seed space -----------------------------------------------------------------------
+
+_LOW32 = (1 << 32) - 1
+# The 624 words of mt19937 in the bytes of torch's CPU generator state (uint64 each; the state
+# starts with the seed, `left`, `seeded` and `next`).
+_WORDS = slice(24, 24 + 624 * 8)
+
+
+def draw_seed32(out: Tensor, generator: torch.Generator, seed: int, scratch: Tensor) -> None:
+    """What flatopt does: ``manual_seed(seed)``; on CPU only the low 32 bits of it count."""
+    generator.manual_seed(seed)
+    out.normal_(generator=generator)
+
+
+def draw_sum_of_two(out: Tensor, generator: torch.Generator, seed: int, scratch: Tensor) -> None:
+    """z = (z₁ + z₂)/√2, z₁ from the low and z₂ from the high 32 bits: two draws and a pass.
+
+    Exactly N(0, 1), and two seeds repeat z only if all 64 bits match; but seeds that share one
+    half share z₁ or z₂, so their z correlate at 0.5: collisions get milder, not rarer.
+    """
+    generator.manual_seed(seed & _LOW32)
+    out.normal_(generator=generator)
+    generator.manual_seed(seed >> 32)
+    scratch.normal_(generator=generator)
+    out.add_(scratch).mul_(1 / math.sqrt(2))
+
+
+def draw_xor_state(out: Tensor, generator: torch.Generator, seed: int, scratch: Tensor) -> None:
+    """One draw from an mt19937 state that depends on all 64 bits: state(lo) XOR state(hi').
+
+    mt19937 is linear over GF(2) (tempering too), so this stream is the XOR of the streams of
+    two 32-bit seeds: seeds that share one half differ by the XOR of two independent streams,
+    i.e. their z are independent. Costs two seedings and a copy of the 5 kB state per draw.
+    """
+    low, high = seed & _LOW32, (seed >> 32) ^ 0x9E3779B9
+    if high == low:  # the XOR of a state with itself is the all-zero state
+        high ^= 1
+    generator.manual_seed(low)
+    state = generator.get_state()
+    generator.manual_seed(high)
+    other = generator.get_state()
+    state[_WORDS].view(torch.int64).bitwise_xor_(other[_WORDS].view(torch.int64))
+    generator.set_state(state)
+    out.normal_(generator=generator)
+
+
+SEED_DRAWS: dict[str, Callable[[Tensor, torch.Generator, int, Tensor], None]] = {
+    "seed32": draw_seed32,
+    "sum_of_two": draw_sum_of_two,
+    "xor_state": draw_xor_state,
+}

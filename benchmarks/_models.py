@@ -4,6 +4,8 @@
 self-attention (separate q, k, v, o projections) and a 4x-wide GELU MLP (fc1, fc2), a final
 LayerNorm and an LM head. ``BLOCK_LINEARS`` names every linear layer inside the blocks, for
 ``flatopt.lora.add_lora``.
+
+``teaching_mlp`` is the teaching-size model: ``depth`` × (``Linear(width, width)`` + GELU).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["BLOCK_LINEARS", "Block", "TinyGPT"]
+__all__ = ["BLOCK_LINEARS", "Block", "TinyGPT", "teaching_mlp"]
 
 BLOCK_LINEARS = ("q", "k", "v", "o", "fc1", "fc2")
 
@@ -63,3 +65,11 @@ class TinyGPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_f(x))
+
+
+def teaching_mlp(width: int = 64, depth: int = 4) -> nn.Sequential:
+    """``depth`` × (``nn.Linear(width, width)`` + GELU), initialised from torch's global RNG."""
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.GELU()]
+    return nn.Sequential(*layers)

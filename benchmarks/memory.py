@@ -16,9 +16,17 @@ On CPU the peak is ``resource.getrusage(RUSAGE_SELF).ru_maxrss``, with
 ``MALLOC_MMAP_THRESHOLD_=65536`` in the child's environment so that glibc serves every buffer
 of 64 KiB or more with mmap and really returns it to the system when it is freed; otherwise a
 freed buffer could be reused without showing in the RSS, or stay counted after it is freed.
-With ``--device cuda`` the peak is ``torch.cuda.max_memory_allocated``. The children run one
-intra-op thread (``--threads``). Each child runs ``--repeat`` times (3 by default) in
-interleaved order and the median is reported, since RSS is noisy.
+The children run one intra-op thread (``--threads``). Each child runs ``--repeat`` times (3 by
+default) in interleaved order and the median is reported, since RSS is noisy.
+
+With ``--device cuda`` everything runs in this one process, on the GPU reference configuration
+unless flags override it: bf16 weights (``--dtype``), d = 1024, 24 layers, 16 heads, 4096 tokens
+per step as 4 sequences of 1024. The model is built once; each method in turn (rotating order,
+``--repeat`` times, 2 by default) gets a fresh AdamW, one warm-up step (which allocates the
+optimizer state and flatopt's persistent state), then ``torch.cuda.synchronize`` and
+``torch.cuda.reset_peak_memory_stats``; its peak is ``torch.cuda.max_memory_allocated`` over
+``--steps`` steps minus the memory allocated before them. The caching allocator counts exactly
+what is allocated, so the extra peak over plain LoRA is exact, in the same process.
 
 Reported per method: the memory after building the model, the peak of the two steps, and the
 extra peak over plain LoRA, in MiB and in units of the largest target weight's bytes (the
@@ -27,9 +35,11 @@ every tensor the wrapper keeps between steps (the per-row noise std of each targ
 ‖W_i‖² of each frozen weight) and of its generators' states. Seeds and the step counter are
 Python ints.
 
-Run, and smoke test (tiny model; lora, flat and copy once each, concurrently; seconds):
+Run, on the GPU, and smoke test (tiny model; lora, flat and copy once each, concurrently;
+seconds):
 
     python benchmarks/memory.py
+    python benchmarks/memory.py --device cuda --out benchmarks/results/gpu/memory.json
     python benchmarks/memory.py --smoke --out /tmp/memory_smoke.json
 """
 
@@ -37,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -45,8 +56,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +72,26 @@ from flatopt.lora import add_lora
 
 METHODS = ("lora", "flat", "inplace", "sam", "copy")
 MIB = 2**20
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# The GPU reference configuration (docs/performance.md): what --device cuda defaults to.
+GPU_DEFAULTS = {
+    "width": 1024,
+    "layers": 24,
+    "heads": 16,
+    "tokens": 4096,
+    "max_seq": 1024,
+    "dtype": "bf16",
+    "repeat": 2,
+}
+CPU_DEFAULTS = {
+    "width": 512,
+    "layers": 4,
+    "heads": 8,
+    "tokens": 2048,
+    "max_seq": 256,
+    "dtype": "fp32",
+    "repeat": 3,
+}
 
 
 def rss_now() -> int:
@@ -80,92 +112,117 @@ def rss_peak() -> int:
 def persistent_state(opt: flatopt.FlatPerturb, model: nn.Module) -> dict[str, Any]:
     """Bytes of the tensors FlatPerturb keeps between steps, and what they are.
 
-    Every tensor held by the wrapper itself or by one of its sites (directly, or in a list,
-    tuple or dict there) is counted once, except the model's own parameters and buffers; the
-    wrapped optimizer's state is not flatopt's. The generators' states are counted too.
+    Walks the wrapper and every flatopt object it reaches (attributes and slots, and the lists,
+    tuples, sets and dicts among them); every tensor found is counted once, except the model's
+    own parameters and buffers, and so is the state of every ``torch.Generator``. The wrapped
+    optimizer (and its state) is not flatopt's and is skipped.
     """
     own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    seen: set[int] = set()
+    seen_storage: set[int] = set()
+    seen_objects: set[int] = set()
     found: dict[str, int] = {}
+    generators = [0]
 
-    def visit(value: Any, where: str, depth: int = 0) -> None:
+    def fields(value: Any) -> list[tuple[str, Any]]:
+        items = list(getattr(value, "__dict__", {}).items())
+        for klass in type(value).__mro__:
+            for name in getattr(klass, "__slots__", ()):
+                if hasattr(value, name):
+                    items.append((name, getattr(value, name)))
+        return items
+
+    def visit(value: Any, where: str, depth: int) -> None:
+        if depth > 8 or id(value) in seen_objects:
+            return
         if isinstance(value, Tensor):
             ptr = value.untyped_storage().data_ptr()
-            if ptr not in own and ptr not in seen:
-                seen.add(ptr)
+            if ptr not in own and ptr not in seen_storage:
+                seen_storage.add(ptr)
                 found[where] = found.get(where, 0) + value.untyped_storage().nbytes()
-        elif depth < 3 and isinstance(value, (list, tuple)):
+            return
+        seen_objects.add(id(value))
+        if isinstance(value, torch.Generator):
+            generators[0] += value.get_state().numel()
+        elif isinstance(value, (list, tuple, set, frozenset)):
             for item in value:
                 visit(item, where, depth + 1)
-        elif depth < 3 and isinstance(value, dict):
+        elif isinstance(value, dict):
             for item in value.values():
                 visit(item, where, depth + 1)
+        elif isinstance(value, flatopt.FlatPerturb) or (
+            type(value).__module__.startswith("flatopt")
+            and not isinstance(value, (nn.Module, torch.optim.Optimizer))
+        ):
+            for name, item in fields(value):
+                if not isinstance(item, torch.optim.Optimizer):
+                    visit(item, f"{type(value).__name__}.{name}", depth + 1)
 
-    for name, value in vars(opt).items():
-        if name not in ("optimizer", "_sites"):
-            visit(value, f"opt.{name}")
-    for site in getattr(opt, "_sites", []):
-        for name, value in vars(site).items():
-            visit(value, f"site.{name}")
-    generators = 0
-    for generator in getattr(getattr(opt, "_generators", None), "_by_device", {}).values():
-        generators += generator.get_state().numel()
+    visit(opt, "FlatPerturb", 0)
     tensors = sum(found.values())
     return {
         "tensor_bytes": found,
         "tensors_total_bytes": tensors,
-        "generator_state_bytes": generators,
-        "total_bytes": tensors + generators,
+        "generator_state_bytes": generators[0],
+        "total_bytes": tensors + generators[0],
         "seeds": "Python ints (the root seed, the step and draw counters)",
     }
 
 
-def child(args: argparse.Namespace) -> dict[str, Any]:
-    """Build the model, run two steps of ``args.child``, report memory (in this process)."""
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    cuda = device.type == "cuda"
+def build(args: argparse.Namespace) -> tuple[nn.Module, Tensor, Tensor]:
+    """The LoRA decoder on ``args.device`` in ``args.dtype``, and one batch of tokens."""
     torch.manual_seed(args.seed)
     seq = min(args.max_seq, args.tokens)
     model = TinyGPT(args.vocab, args.width, args.layers, args.heads, max_seq=seq)
     add_lora(model, BLOCK_LINEARS, rank=args.rank, alpha=args.alpha)
-    model.to(device)
-    data = torch.randint(args.vocab, (args.tokens // seq, seq + 1), device=device)
-    inputs, labels = data[:, :-1], data[:, 1:]
-    weights = [target.weight for _, target in find_targets(model)]
+    model.to(args.device, DTYPES[args.dtype])
+    data = torch.randint(args.vocab, (args.tokens // seq, seq + 1)).to(args.device)
+    return model, data[:, :-1], data[:, 1:]
+
+
+def make_method(
+    args: argparse.Namespace, name: str, model: nn.Module, inputs: Tensor, labels: Tensor
+) -> tuple[Callable[[], None], Optional[flatopt.FlatPerturb]]:
+    """One training step of method ``name`` with a fresh AdamW, and the FlatPerturb if any."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     inner = torch.optim.AdamW(trainable, lr=1e-4)
 
     def loss() -> Tensor:
         return F.cross_entropy(model(inputs).flatten(0, 1), labels.flatten())
 
-    opt = None
-    if args.child == "flat":
+    if name == "flat":
         opt = flatopt.FlatPerturb(inner, model, sigma=args.sigma, schedule="constant", seed=0)
 
-        def step() -> None:
+        def flat_step() -> None:
             with opt.perturbed():
                 loss().backward()
             opt.step()
             opt.zero_grad()
 
-    else:
-        method = {
-            "lora": lambda: PlainLoRA(inner),
-            "inplace": lambda: InPlace(inner, model, args.sigma, 0),
-            "sam": lambda: LoRASAM(inner, rho=0.05),
-            "copy": lambda: CopyRestore(inner, model, args.sigma, 0),
-        }[args.child]()
+        return flat_step, opt
+    method = {
+        "lora": lambda: PlainLoRA(inner),
+        "inplace": lambda: InPlace(inner, model, args.sigma, 0),
+        "sam": lambda: LoRASAM(inner, rho=0.05),
+        "copy": lambda: CopyRestore(inner, model, args.sigma, 0),
+    }[name]()
+    return lambda: method.step([loss]), None
 
-        def step() -> None:
-            method.step([loss])
 
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+def target_sizes(model: nn.Module) -> dict[str, int]:
+    weights = [target.weight for _, target in find_targets(model)]
+    return {
+        "largest_target_bytes": max(w.numel() * w.element_size() for w in weights),
+        "target_bytes": sum(w.numel() * w.element_size() for w in weights),
+        "num_targets": len(weights),
+    }
+
+
+def child(args: argparse.Namespace) -> dict[str, Any]:
+    """Build the model, run two steps of ``args.child``, report memory (in this process)."""
+    torch.set_num_threads(args.threads)
+    model, inputs, labels = build(args)
+    step, opt = make_method(args, args.child, model, inputs, labels)
     built = {"rss": rss_now(), "peak_rss": rss_peak()}
-    if cuda:
-        built["cuda_allocated"] = torch.cuda.memory_allocated(device)
     for _ in range(args.steps):
         step()
     result: dict[str, Any] = {
@@ -173,16 +230,58 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "built": built,
         "peak_rss": rss_peak(),
         "rss_after": rss_now(),
-        "largest_target_bytes": max(w.numel() * w.element_size() for w in weights),
-        "target_bytes": sum(w.numel() * w.element_size() for w in weights),
-        "num_targets": len(weights),
+        **target_sizes(model),
     }
-    if cuda:
-        torch.cuda.synchronize(device)
-        result["cuda_peak_allocated"] = torch.cuda.max_memory_allocated(device)
     if opt is not None:
         result["persistent"] = persistent_state(opt, model)
     return result
+
+
+def cuda_runs(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    """Every method ``args.repeat`` times in this process, on the GPU, in rotating order.
+
+    Each run: a fresh AdamW, one warm-up step, then the peak allocated over ``args.steps``
+    steps, from ``torch.cuda.reset_peak_memory_stats`` on, relative to what was allocated
+    before them (the model, the data, the optimizer state, flatopt's persistent state).
+    """
+    device = torch.device(args.device)
+    model, inputs, labels = build(args)
+    sizes = target_sizes(model)
+    methods = ("lora", "flat", "copy") if args.smoke else METHODS
+    runs: dict[str, list[dict[str, Any]]] = {method: [] for method in methods}
+    for index in range(args.repeat):
+        order = methods[index % len(methods) :] + methods[: index % len(methods)]
+        for method in order:
+            step, opt = make_method(args, method, model, inputs, labels)
+            step()  # allocates the optimizer state (and flatopt's std and norm caches)
+            gc.collect()
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            for _ in range(args.steps):
+                step()
+            torch.cuda.synchronize(device)
+            peak = torch.cuda.max_memory_allocated(device)
+            result: dict[str, Any] = {
+                "method": method,
+                "built": {"cuda_allocated": before},
+                "cuda_peak_allocated": peak,
+                "cuda_step_peak": peak - before,
+                **sizes,
+            }
+            if opt is not None:
+                result["persistent"] = persistent_state(opt, model)
+                flatopt.remove_hooks(model)  # the next method trains the plain model
+            runs[method].append(result)
+            del step, opt
+            gc.collect()
+            print(
+                f"  run {index + 1}/{args.repeat} {method}: step peak "
+                f"{result['cuda_step_peak'] / MIB:.1f} MiB over {before / MIB:.1f} MiB",
+                file=sys.stderr,
+                flush=True,
+            )
+    return runs
 
 
 def child_command(args: argparse.Namespace, method: str) -> list[str]:
@@ -191,7 +290,7 @@ def child_command(args: argparse.Namespace, method: str) -> list[str]:
         for name in ("width", "layers", "heads", "vocab", "tokens", "max-seq", "rank", "alpha")
     ]
     options += [f"--sigma={args.sigma}", f"--steps={args.steps}", f"--threads={args.threads}"]
-    options += [f"--device={args.device}", f"--seed={args.seed}"]
+    options += [f"--device={args.device}", f"--dtype={args.dtype}", f"--seed={args.seed}"]
     return [sys.executable, __file__, "--child", method, *options]
 
 
@@ -225,7 +324,11 @@ def run_children(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
 
 
 def summarise(runs: dict[str, list[dict[str, Any]]], key: str) -> dict[str, dict[str, float]]:
-    """Medians per method of the built and peak memory, and the extra peak over plain LoRA."""
+    """Medians per method of the built and peak memory, and the extra peak over plain LoRA.
+
+    ``key`` is ``peak_rss`` (fresh processes: the peaks compare as they are) or
+    ``cuda_step_peak`` (one process: the peak of the steps over what was allocated before).
+    """
     largest = runs["lora"][0]["largest_target_bytes"]
     built_key = "rss" if key == "peak_rss" else "cuda_allocated"
     table: dict[str, dict[str, float]] = {}
@@ -243,8 +346,10 @@ def summarise(runs: dict[str, list[dict[str, Any]]], key: str) -> dict[str, dict
 
 
 def markdown(table: dict[str, dict[str, float]], clock: str) -> str:
+    peak = "peak of the steps over that" if clock == "CUDA allocated" else "peak"
+    start = "before the steps" if clock == "CUDA allocated" else "after build"
     rows = [
-        f"| method | after build ({clock}, MiB) | peak (MiB) | extra peak over LoRA (MiB) "
+        f"| method | {start} ({clock}, MiB) | {peak} (MiB) | extra peak over LoRA (MiB) "
         "| extra / largest target weight |",
         "|---|---:|---:|---:|---:|",
     ]
@@ -258,53 +363,82 @@ def markdown(table: dict[str, dict[str, float]], clock: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--width", type=int, default=512, help="model width d")
-    parser.add_argument("--layers", type=int, default=4, help="transformer blocks")
-    parser.add_argument("--heads", type=int, default=8, help="attention heads")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="cpu (RSS) or cuda (allocated)"
+    )
+    parser.add_argument(
+        "--dtype", choices=tuple(DTYPES), default=None, help="weights (default fp32; cuda: bf16)"
+    )
+    parser.add_argument("--width", type=int, default=None, help="model width d (512; cuda 1024)")
+    parser.add_argument("--layers", type=int, default=None, help="transformer blocks (4; cuda 24)")
+    parser.add_argument("--heads", type=int, default=None, help="attention heads (8; cuda 16)")
     parser.add_argument("--vocab", type=int, default=2048, help="vocabulary size")
-    parser.add_argument("--tokens", type=int, default=2048, help="tokens per step")
-    parser.add_argument("--max-seq", type=int, default=256, help="sequence length cap")
+    parser.add_argument(
+        "--tokens", type=int, default=None, help="tokens per step (2048; cuda 4096)"
+    )
+    parser.add_argument(
+        "--max-seq", type=int, default=None, help="sequence length cap (256; cuda 1024)"
+    )
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
     parser.add_argument("--alpha", type=float, default=16, help="LoRA alpha")
     parser.add_argument("--sigma", type=float, default=0.05, help="noise scale σ")
     parser.add_argument("--steps", type=int, default=2, help="training steps per child")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each child (median)")
+    parser.add_argument(
+        "--repeat", type=int, default=None, help="runs of each method, median (3; cuda 2)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each child")
-    parser.add_argument("--device", default="cpu", help="cpu, or cuda to read the CUDA peak")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model and data")
     parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--smoke", action="store_true", help="tiny model, one run per child")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/memory.json"))
     args = parser.parse_args(argv)
+    cuda = args.device == "cuda"
+    for name, value in (GPU_DEFAULTS if cuda else CPU_DEFAULTS).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.child is not None:
         print(json.dumps(child(args)))
         return 0
     if args.smoke:
         args.width, args.layers, args.heads, args.vocab = 64, 2, 4, 256
-        args.tokens, args.repeat = 256, 1
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda, but torch.cuda.is_available() is False")
+        args.tokens, args.max_seq, args.repeat = 256, 256, 1
+    if cuda and not torch.cuda.is_available():
+        parser.error(
+            "--device cuda, but torch.cuda.is_available() is False: run it on a machine with a "
+            "CUDA GPU and a CUDA build of torch"
+        )
+    if min(args.repeat, args.steps) < 1:
+        parser.error("--repeat and --steps must be >= 1")
 
     load_before = os.getloadavg()
     began = time.perf_counter()
-    runs = run_children(args)
+    runs = cuda_runs(args) if cuda else run_children(args)
     seconds = time.perf_counter() - began
-    cuda = args.device.startswith("cuda")
     first = runs["flat"][0]
     largest, targets = first["largest_target_bytes"], first["target_bytes"]
     persistent = first["persistent"]
-    tables = {"rss": summarise(runs, "peak_rss")}
-    if cuda:
-        tables["cuda"] = summarise(runs, "cuda_peak_allocated")
+    tables = {"cuda": summarise(runs, "cuda_step_peak")} if cuda else {}
+    if not cuda:
+        tables["rss"] = summarise(runs, "peak_rss")
 
+    where = (
+        f"{torch.cuda.get_device_name()}, {args.dtype}; median of {args.repeat} runs per "
+        "method in one process"
+        if cuda
+        else f"{args.dtype}; median of {args.repeat} fresh processes per method, "
+        f"{args.threads} thread(s)"
+    )
     print(
         f"\nGPT decoder d={args.width}, {args.layers} layers, {args.tokens} tokens, LoRA "
         f"r={args.rank} on {first['num_targets']} block linears; target weights "
-        f"{targets / MIB:.1f} MiB, the largest {largest / MIB:.2f} MiB; median of "
-        f"{args.repeat} fresh processes per method, {args.threads} thread(s)\n"
+        f"{targets / MIB:.1f} MiB, the largest {largest / MIB:.2f} MiB; {where}\n"
     )
     for clock, table in tables.items():
         print(markdown(table, "RSS" if clock == "rss" else "CUDA allocated") + "\n")
+    if cuda:
+        extra = tables["cuda"]["flat"]["extra_in_largest_targets"]
+        verdict = "meets" if extra <= 1.0 else "MISSES"
+        print(f"{verdict}: GPU peak extra memory ≤ 1 largest target layer (measured {extra:.2f})")
     print(
         f"FlatPerturb persistent state: {persistent['total_bytes']:,} bytes "
         f"({100 * persistent['total_bytes'] / targets:.3f}% of the target weights' bytes): "
@@ -318,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/memory.py "
         + " ".join(sys.argv[1:] if argv is None else argv),
         "config": {
+            "dtype": args.dtype,
+            "max_seq": args.max_seq,
             "width": args.width,
             "layers": args.layers,
             "heads": args.heads,
@@ -329,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
             "repeat": args.repeat,
             "threads": args.threads,
             "device": args.device,
-            "malloc_mmap_threshold": 65536,
+            "malloc_mmap_threshold": None if cuda else 65536,
             "smoke": args.smoke,
         },
         "largest_target_bytes": largest,
@@ -341,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name() if cuda else None,
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

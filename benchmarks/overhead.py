@@ -47,13 +47,40 @@ accumulation-1 cell before it, already warm.
 ``--profile`` adds a torch.profiler summary of a few flat and lora steps: where flat's extra
 time goes, by aten op. ``--threads N`` sets ``torch.set_num_threads``.
 
-Run the reference configuration (about a minute on 2 idle CPU cores), the sweep, a profile:
+``--device cuda`` runs on the GPU, and its defaults become the GPU reference configuration:
+bf16 weights (``--dtype``), d = 1024, 24 layers, 16 heads, 4096 tokens per step as 4 sequences
+of 1024 (every flag still overrides). Each timing is ``--repeat`` steps (3 by default there)
+between two ``torch.cuda.synchronize()`` and CUDA events. The report adds the overhead as a
+percentage of a LoRA step (the target there: ≤ 5%).
+
+``--teaching`` times the teaching-size model instead: 4 × (Linear(64, 64) + GELU), LoRA rank
+4 on all four layers (``add_lora``), batch 32 with cross-entropy over 64 classes, AdamW, one
+thread. Each timing is ``--repeat`` steps (200 by default), in interleaved rounds; the report
+uses medians of per-round ratios. It reports flat / lora; the draw floor (lora + draws) / lora,
+where the draws are the standard-normal draws flatopt makes in one step (recorded by shape
+from a real step, so the count follows the code), replayed on one generator; and the cost of
+hooks that are never armed: a model with a FlatPerturb built on it but never perturbed (its
+inner AdamW steps directly) against the same model without, in µs per target per step. With
+``--profile`` it adds the components of the extra time (the draws alone, W + ε with
+``perturbed_weight``, the row norms with ``noise_std``), a cProfile table of the Python
+functions of a flat step and the aten-op table.
+
+``--seed-space`` measures what it costs to give the CPU draw a 64-bit seed space (torch's CPU
+generator keeps 32 bits of a seed): ``_baselines.SEED_DRAWS`` against flatopt's draw, per
+block, at the teaching size (64 × 64, one block) and at 512 × 512 (four blocks of 128 rows),
+one thread, with their statistics checked.
+
+Run the reference configuration (about a minute on 2 idle CPU cores), the sweep, a profile,
+the GPU reference, the teaching size, the seed space:
 
     python benchmarks/overhead.py
     python benchmarks/overhead.py --sweep --out benchmarks/results/overhead_sweep.json
     python benchmarks/overhead.py --profile --out /tmp/overhead_profile.json
+    python benchmarks/overhead.py --device cuda --out benchmarks/results/gpu/overhead.json
+    python benchmarks/overhead.py --teaching --profile --out /tmp/overhead_teaching.json
+    python benchmarks/overhead.py --seed-space --out /tmp/overhead_seed_space.json
 
-Smoke test (tiny model, 2 rounds, a few seconds):
+Smoke test (tiny model, 2 rounds, a few seconds; also with --teaching or --seed-space):
 
     python benchmarks/overhead.py --smoke --out /tmp/overhead_smoke.json
 """
@@ -61,32 +88,66 @@ Smoke test (tiny model, 2 rounds, a few seconds):
 from __future__ import annotations
 
 import argparse
+import copy
+import cProfile
 import datetime
 import itertools
 import json
 import os
 import platform
+import pstats
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from _baselines import InPlace, LoRASAM, PlainLoRA, ThreadedFloor, draw_floor
-from _models import BLOCK_LINEARS, TinyGPT
+from _baselines import (
+    SEED_DRAWS,
+    InPlace,
+    LoRASAM,
+    PlainLoRA,
+    ThreadedFloor,
+    count_draws,
+    draw_floor,
+    replay_draws,
+)
+from _models import BLOCK_LINEARS, TinyGPT, teaching_mlp
 from torch import Tensor, nn
 
 import flatopt
 from flatopt.adapters import find_targets
-from flatopt.lora import add_lora
+from flatopt.lora import LoRALinear, add_lora
+from flatopt.noise import BLOCK_ELEMENTS, blocks, noise_std, perturbed_weight
 
 METHODS = ("lora", "flat", "inplace", "sam", "rng")
 SWEEP_TOKENS = (512, 2048, 8192)
 SWEEP_WIDTHS = (256, 512, 1024)
 SWEEP_ACCUMULATION = (1, 4)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# The GPU reference configuration (docs/performance.md): what --device cuda defaults to.
+GPU_DEFAULTS = {
+    "width": 1024,
+    "layers": 24,  # 2 with --sweep, as on CPU
+    "heads": 16,
+    "tokens": 4096,
+    "max_seq": 1024,
+    "dtype": "bf16",
+    "repeat": 3,
+}
+CPU_DEFAULTS = {
+    "width": 512,
+    "layers": 4,  # 2 with --sweep
+    "heads": 8,
+    "tokens": 2048,
+    "max_seq": 256,
+    "dtype": "fp32",
+    "repeat": 1,
+}
 
 Step = Callable[[int], None]  # one optimizer step over this many micro-batches
 
@@ -99,9 +160,10 @@ def build_model(
     seq = min(args.max_seq, tokens)
     model = TinyGPT(args.vocab, width, layers, args.heads, max_seq=seq)
     add_lora(model, BLOCK_LINEARS, rank=args.rank, alpha=args.alpha)
+    model.to(args.device, DTYPES[args.dtype])
     batches = []
     for _ in range(micro_batches):
-        data = torch.randint(args.vocab, (tokens // seq, seq + 1))
+        data = torch.randint(args.vocab, (tokens // seq, seq + 1)).to(args.device)
         batches.append((data[:, :-1], data[:, 1:]))
     return model, batches
 
@@ -118,12 +180,15 @@ def make_steps(
     flat = flatopt.FlatPerturb(
         adamw(), model, sigma=sigma, schedule="constant", seed=seed, resample="step"
     )
+    # The methods take turns on one model, so the other methods' forwards run between two of
+    # flat's steps, outside perturb(): by design here, not the mistake flatopt warns about.
+    warnings.filterwarnings("ignore", message=r".*forwards of target layers ran outside perturb")
     plain = PlainLoRA(adamw())
     inplace = InPlace(adamw(), model, sigma, seed)
     sam = LoRASAM(adamw(), rho=rho)
     # The same weights FlatPerturb perturbs, found through the same adapters.
     weights = [target.weight for _, target in find_targets(model)]
-    generator = torch.Generator()
+    generator = torch.Generator(device=weights[0].device)
 
     def losses(n: int) -> list[Callable[[], Tensor]]:
         def loss(inputs: Tensor, labels: Tensor) -> Tensor:
@@ -146,7 +211,7 @@ def make_steps(
         "sam": lambda n: sam.step(losses(n)),
         "rng": lambda n: draw_floor(weights, n, generator),
     }
-    if torch.get_num_threads() > 1:  # the same draws, split across the threads
+    if weights[0].device.type == "cpu" and torch.get_num_threads() > 1:  # split across threads
         threaded = ThreadedFloor(weights, torch.get_num_threads())
         steps["rng_threads"] = threaded
     return steps, flat
@@ -164,12 +229,26 @@ def check_noise_is_on(model: nn.Module, flat: flatopt.FlatPerturb, inputs: Tenso
     return change
 
 
-def timed(step: Step, micro_batches: int, repeat: int) -> tuple[float, float]:
-    """Wall and process-CPU seconds per call of ``step``, over ``repeat`` back-to-back calls."""
+def timed(step: Step, micro_batches: int, repeat: int, cuda: bool = False) -> tuple[float, float]:
+    """Wall and process-CPU seconds per call of ``step``, over ``repeat`` back-to-back calls.
+
+    With ``cuda``, the device is synchronised before and after, and the wall time is the time
+    between two CUDA events recorded around the calls.
+    """
+    if cuda:
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
     wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(repeat):
         step(micro_batches)
-    return (time.perf_counter() - wall) / repeat, (time.process_time() - cpu) / repeat
+    if cuda:
+        end.record()
+        torch.cuda.synchronize()
+        seconds = start.elapsed_time(end) / 1e3
+    else:
+        seconds = time.perf_counter() - wall
+    return seconds / repeat, (time.process_time() - cpu) / repeat
 
 
 def run_rounds(
@@ -180,6 +259,7 @@ def run_rounds(
     rounds: int,
     budget: float | None,
     estimate: dict[str, float] | None = None,
+    cuda: bool = False,
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Warm up every method, then time them round-robin.
 
@@ -193,7 +273,7 @@ def run_rounds(
         estimate = {}
         for name, step in steps.items():
             for _ in range(warmup):
-                estimate[name] = timed(step, 1, 1)[0]
+                estimate[name] = timed(step, 1, 1, cuda)[0]
     if budget is not None and estimate:
         one_round = micro_batches * repeat * sum(estimate.values())
         floor = 1 if one_round > 3 * budget else 2
@@ -204,7 +284,7 @@ def run_rounds(
     for index in range(rounds):
         shift = index % len(names)
         for name in names[shift:] + names[:shift]:
-            seconds, cpu_seconds = timed(steps[name], micro_batches, repeat)
+            seconds, cpu_seconds = timed(steps[name], micro_batches, repeat, cuda)
             wall[name].append(seconds)
             cpu[name].append(cpu_seconds)
         line = ", ".join(f"{name} {wall[name][-1]:.3f}s" for name in names)
@@ -225,6 +305,7 @@ def summarise(times: dict[str, list[float]]) -> dict[str, float]:
         "inplace_over_lora": lambda t: t["inplace"] / t["lora"],
         "sam_over_lora": lambda t: t["sam"] / t["lora"],
         "rng_over_lora": lambda t: t["rng"] / t["lora"],
+        "overhead_percent_of_lora": lambda t: 100 * (t["flat"] - t["lora"]) / t["lora"],
     }
     if "rng_threads" in times:
         ratios["overhead_over_rng_threads"] = lambda t: (t["flat"] - t["lora"]) / t["rng_threads"]
@@ -275,14 +356,17 @@ def run_cell(
     load_before = os.getloadavg()
     began = time.perf_counter()
     budget = args.cell_seconds if args.sweep else None
+    cuda = args.device == "cuda"
     times, cpu_times = run_rounds(
-        steps, accumulation, args.warmup, args.repeat, args.rounds, budget, estimate
+        steps, accumulation, args.warmup, args.repeat, args.rounds, budget, estimate, cuda
     )
     per_micro = {name: statistics.median(values) / accumulation for name, values in times.items()}
     cache[key] = (steps, flat, logits_change, per_micro)
     seconds = time.perf_counter() - began
-    profile = profile_steps(steps, accumulation) if args.profile else None
+    profile = profile_steps(steps, accumulation, cuda=cuda) if args.profile else None
     record: dict[str, Any] = {
+        "device": args.device,
+        "dtype": args.dtype,
         "width": width,
         "layers": layers,
         "heads": args.heads,
@@ -308,20 +392,41 @@ def run_cell(
     return record
 
 
-def profile_steps(steps: dict[str, Step], micro_batches: int, count: int = 3) -> dict[str, Any]:
-    """Self CPU time per aten op over ``count`` lora and flat steps, and flat's excess."""
+def _self_device_us(event: Any) -> float:
+    """An event's self time on the GPU in µs (the attribute was renamed in torch 2.4)."""
+    for name in ("self_device_time_total", "self_cuda_time_total"):
+        value = getattr(event, name, None)
+        if value is not None:
+            return float(value)
+    return 0.0
+
+
+def profile_steps(
+    steps: dict[str, Step], micro_batches: int, count: int = 3, cuda: bool = False
+) -> dict[str, Any]:
+    """Self time per aten op over ``count`` lora and flat steps, and flat's excess.
+
+    On CPU the time is self CPU time; with ``cuda`` it is the ops' self time on the GPU, which
+    is what a GPU step waits for (the CPU side only launches).
+    """
     from torch.profiler import ProfilerActivity, profile
 
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     per_method: dict[str, dict[str, tuple[int, float]]] = {}
     wall: dict[str, float] = {}
     for name in ("lora", "flat"):
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=activities) as prof:
             began = time.perf_counter()
             for _ in range(count):
                 steps[name](micro_batches)
+            if cuda:
+                torch.cuda.synchronize()
             wall[name] = (time.perf_counter() - began) / count
         per_method[name] = {
-            event.key: (event.count // count, event.self_cpu_time_total / 1e3 / count)
+            event.key: (
+                event.count // count,
+                (_self_device_us(event) if cuda else event.self_cpu_time_total) / 1e3 / count,
+            )
             for event in prof.key_averages()
         }
     rows = []
@@ -340,6 +445,7 @@ def profile_steps(steps: dict[str, Step], micro_batches: int, count: int = 3) ->
         )
     rows.sort(key=lambda row: -row["extra_ms"])
     return {
+        "clock": "self GPU time" if cuda else "self CPU time",
         "steps_per_method": count,
         "wall_ms_per_step": {name: 1e3 * value for name, value in wall.items()},
         "self_ms_total": {
@@ -352,9 +458,10 @@ def profile_steps(steps: dict[str, Step], micro_batches: int, count: int = 3) ->
 def profile_table(profile: dict[str, Any], limit: int = 12) -> str:
     wall = profile["wall_ms_per_step"]
     total = profile["self_ms_total"]
+    clock = profile.get("clock", "self CPU time")
     lines = [
         f"profiled wall per step (ms): lora {wall['lora']:.1f}, flat {wall['flat']:.1f}, "
-        f"extra {wall['flat'] - wall['lora']:.1f}; aten self CPU summed over threads (ms): "
+        f"extra {wall['flat'] - wall['lora']:.1f}; aten {clock} summed (ms): "
         f"lora {total['lora']:.1f}, flat {total['flat']:.1f}",
         "",
         "| aten op | calls lora | calls flat | self ms lora | self ms flat | extra ms |",
@@ -411,6 +518,10 @@ def reference_table(cell: dict[str, Any]) -> str:
             "(median of per-round ratios)"
         )
     rows.append(
+        f"\noverhead: {s['overhead_percent_of_lora_paired_median']:.1f}% of a LoRA step "
+        "(median of per-round ratios)"
+    )
+    rows.append(
         f"\nwall, medians of per-round ratios: flat / lora "
         f"{s['flat_over_lora_paired_median']:.3f}, flat / inplace "
         f"{s['flat_over_inplace_paired_median']:.3f}, flat / sam "
@@ -428,25 +539,510 @@ def targets_check(cell: dict[str, Any]) -> str:
         ("t_flat ≤ 1.0 × inplace", s["flat_over_inplace_paired_median"], 1.0),
         ("t_flat ≤ 0.55 × sam", s["flat_over_sam_paired_median"], 0.55),
     ]
+    if cell.get("device") == "cuda":
+        checks.append(
+            ("GPU: overhead ≤ 5% of a LoRA step", s["overhead_percent_of_lora_paired_median"], 5.0)
+        )
     return "\n".join(
         f"{'meets' if value <= limit else 'MISSES'}: {text} (measured {value:.3f})"
         for text, value, limit in checks
     )
 
 
+# -- the teaching size ------------------------------------------------------------------------
+
+TEACHING = {"width": 64, "depth": 4, "rank": 4, "alpha": 8, "batch": 32, "classes": 64}
+
+Call = Callable[[], Any]
+
+
+def timed_calls(call: Call, repeat: int) -> tuple[float, float]:
+    """Wall and thread-CPU seconds per call of ``call``, over ``repeat`` back-to-back calls.
+
+    With one torch thread every op and the backward run on this thread, so its CPU time is the
+    work itself, without the waits a shared machine adds to the wall clock.
+    """
+    wall, cpu = time.perf_counter(), time.thread_time()
+    for _ in range(repeat):
+        call()
+    return (time.perf_counter() - wall) / repeat, (time.thread_time() - cpu) / repeat
+
+
+Times = dict[str, list[float]]
+
+
+def interleaved(
+    calls: dict[str, Call], rounds: int, repeat: int, warmup: int
+) -> tuple[Times, Times]:
+    """Warm every call up, then time them in rounds whose order rotates: wall and thread-CPU
+    seconds per call, per round."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    wall: Times = {name: [] for name in calls}
+    cpu: Times = {name: [] for name in calls}
+    names = list(calls)
+    for index in range(rounds):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            seconds, cpu_seconds = timed_calls(calls[name], repeat)
+            wall[name].append(seconds)
+            cpu[name].append(cpu_seconds)
+        line = ", ".join(f"{name} {1e6 * wall[name][-1]:.0f}µs" for name in names)
+        print(f"  round {index + 1}/{rounds}: {line}", file=sys.stderr, flush=True)
+    return wall, cpu
+
+
+def paired(times: dict[str, list[float]], ratio: Callable[[dict[str, float]], float]) -> float:
+    """The median over rounds of ``ratio`` applied to each round's times."""
+    names = list(times)
+    return statistics.median(ratio(dict(zip(names, row))) for row in zip(*times.values()))
+
+
+def teaching_setup(args: argparse.Namespace) -> dict[str, Any]:
+    """Three copies of the teaching model (plain, FlatPerturb, FlatPerturb never armed), the
+    step of each, and the standard-normal draws one flat step makes."""
+    t = TEACHING
+    torch.manual_seed(args.seed)
+    base = add_lora(teaching_mlp(t["width"], t["depth"]), None, rank=t["rank"], alpha=t["alpha"])
+    with torch.no_grad():  # a model some way into training: ΔW ≠ 0, so W' ≠ W
+        for module in base.modules():
+            if isinstance(module, LoRALinear):
+                module.lora_B.normal_(std=0.02)
+    plain, flat_model, unarmed_model = (copy.deepcopy(base) for _ in range(3))
+    x = torch.randn(t["batch"], t["width"])
+    labels = torch.randint(t["classes"], (t["batch"],))
+
+    def adamw(model: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+    def plain_step(model: nn.Module, optimizer: torch.optim.Optimizer) -> Call:
+        def step() -> None:
+            F.cross_entropy(model(x), labels).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+        return step
+
+    flat = flatopt.FlatPerturb(
+        adamw(flat_model), flat_model, sigma=args.sigma, schedule="constant", seed=args.seed
+    )
+
+    def flat_step() -> None:
+        flat.perturb()
+        F.cross_entropy(flat_model(x), labels).backward()
+        flat.restore()
+        flat.step()
+        flat.zero_grad()
+
+    # Built and kept, never perturbed: its hooks are installed and never armed.
+    unarmed = flatopt.FlatPerturb(
+        adamw(unarmed_model), unarmed_model, sigma=args.sigma, schedule="constant", seed=0
+    )
+    lora = plain_step(plain, adamw(plain))
+    lora_twin = plain_step(plain, adamw(plain))
+    draws = count_draws(flat_step)
+    generator = torch.Generator()
+
+    def lora_and_draws() -> None:
+        lora_twin()
+        replay_draws(draws, generator)
+
+    calls: dict[str, Call] = {
+        "lora": lora,
+        "flat": flat_step,
+        "lora_draws": lora_and_draws,
+        "unarmed": plain_step(unarmed_model, adamw(unarmed_model)),
+    }
+    targets = [target for _, target in find_targets(flat_model)]
+    if args.profile:  # the components of flat's extra time, each alone
+        calls["draws"] = lambda: replay_draws(draws, generator)
+
+        def norms() -> None:
+            for target in targets:
+                noise_std(target.weight, target.delta(), args.sigma)
+
+        by_shape = {tuple(target.weight.shape): target.weight for target in targets}
+        stds = {shape: noise_std(w, None, args.sigma) for shape, w in by_shape.items()}
+
+        def w_plus_eps() -> None:
+            for index, (shape, _, _) in enumerate(draws):
+                key = tuple(shape)
+                perturbed_weight(by_shape[key], stds[key], generator=generator, seed=index)
+
+        calls["norms"] = norms
+        calls["w_plus_eps"] = w_plus_eps
+    return {
+        "calls": calls,
+        "flat": flat,
+        "flat_step": flat_step,
+        "unarmed": unarmed,
+        "draws": draws,
+        "targets": len(targets),
+    }
+
+
+def python_profile(call: Call, count: int) -> dict[str, list[dict[str, Any]]]:
+    """cProfile of ``count`` calls: the Python functions by self time, and flatopt's own
+    functions by cumulative time, in µs per call (cProfile inflates small functions)."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(count):
+        call()
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (cc, nc, tt, ct, callers)
+    root = str(Path(flatopt.__file__).resolve().parent.parent) + os.sep
+    rows = []
+    for (file, line, name), (_, calls, self_s, cumulative_s, _) in stats.items():
+        where = file.replace(root, "") if file.startswith(root) else Path(file).name
+        label = f"{where}:{line}({name})" if line else name
+        rows.append(
+            {
+                "function": label,
+                "calls_per_step": calls / count,
+                "self_us": 1e6 * self_s / count,
+                "cumulative_us": 1e6 * cumulative_s / count,
+                "flatopt": file.startswith(root + "flatopt"),
+            }
+        )
+    by_self = sorted(rows, key=lambda r: -r["self_us"])[:15]
+    own = sorted((r for r in rows if r["flatopt"]), key=lambda r: -r["cumulative_us"])[:15]
+    return {"by_self_time": by_self, "flatopt_by_cumulative_time": own}
+
+
+def run_teaching(args: argparse.Namespace) -> dict[str, Any]:
+    """Time the teaching size; return the record for the JSON."""
+    setup = teaching_setup(args)
+    calls, targets, draws = setup["calls"], setup["targets"], setup["draws"]
+    print(
+        f"teaching size: {TEACHING['depth']} × (Linear({TEACHING['width']}, "
+        f"{TEACHING['width']}) + GELU), LoRA r={TEACHING['rank']} on {targets} targets, batch "
+        f"{TEACHING['batch']}; flatopt draws {len(draws)} normal tensors per step",
+        file=sys.stderr,
+        flush=True,
+    )
+    load_before = os.getloadavg()
+    wall, cpu = interleaved(calls, args.rounds, args.repeat, args.warmup)
+
+    def summarise_teaching(times: Times) -> dict[str, float]:
+        median = {name: statistics.median(values) for name, values in times.items()}
+        summary = {f"t_{name}_us": 1e6 * value for name, value in median.items()}
+        summary["flat_over_lora"] = paired(times, lambda t: t["flat"] / t["lora"])
+        summary["floor_lora_plus_draws_over_lora"] = paired(
+            times, lambda t: t["lora_draws"] / t["lora"]
+        )
+        summary["flat_extra_us_per_target"] = paired(
+            times, lambda t: 1e6 * (t["flat"] - t["lora"]) / targets
+        )
+        summary["unarmed_hooks_us_per_target"] = paired(
+            times, lambda t: 1e6 * (t["unarmed"] - t["lora"]) / targets
+        )
+        return summary
+
+    times = cpu  # the breakdown below uses the thread-CPU clock, the steadier one
+    record: dict[str, Any] = {
+        "model": dict(TEACHING),
+        "num_targets": targets,
+        "draws_per_step": [list(shape) for shape, _, _ in draws],
+        "rounds": args.rounds,
+        "steps_per_timing": args.repeat,
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "times": wall,
+        "cpu_times": cpu,
+        "summary": summarise_teaching(wall),
+        "cpu_summary": summarise_teaching(cpu),
+    }
+    if args.profile:
+        extra = paired(times, lambda t: t["flat"] - t["lora"])
+        parts = {
+            "W + ε (draw, addcmul, allocation: perturbed_weight)": paired(
+                times, lambda t: t["w_plus_eps"]
+            ),
+            "  of which the draws alone": paired(times, lambda t: t["draws"]),
+            "row norms (noise_std)": paired(times, lambda t: t["norms"]),
+            "hooks installed, not armed": paired(times, lambda t: t["unarmed"] - t["lora"]),
+        }
+        counted = sum(v for k, v in parts.items() if not k.startswith("  "))
+        parts["rest: arming, saved-tensor hooks, autograd Function, wrappers"] = extra - counted
+        record["breakdown_us_per_step"] = {
+            "clock": "thread CPU time",
+            "flat_minus_lora": 1e6 * extra,
+            "components": {name: 1e6 * value for name, value in parts.items()},
+        }
+        record["python_profile"] = python_profile(setup["flat_step"], max(args.repeat, 20))
+        steps = {"lora": lambda n: calls["lora"](), "flat": lambda n: calls["flat"]()}
+        record["aten_profile"] = profile_steps(steps, 1, count=max(args.repeat // 4, 5))
+    return record
+
+
+def teaching_table(record: dict[str, Any]) -> str:
+    lines = [
+        "| clock | t_lora (µs) | t_flat (µs) | t_lora + draws (µs) | t_unarmed (µs) "
+        "| flat / lora | floor (lora + draws) / lora | flat extra (µs/target) "
+        "| unarmed hooks (µs/target) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for clock, key in (("wall", "summary"), ("thread CPU", "cpu_summary")):
+        s = record[key]
+        lines.append(
+            f"| {clock} | {s['t_lora_us']:.0f} | {s['t_flat_us']:.0f} "
+            f"| {s['t_lora_draws_us']:.0f} | {s['t_unarmed_us']:.0f} | {s['flat_over_lora']:.3f} "
+            f"| {s['floor_lora_plus_draws_over_lora']:.3f} "
+            f"| {s['flat_extra_us_per_target']:.1f} | {s['unarmed_hooks_us_per_target']:.1f} |"
+        )
+    lines += ["", "ratios and µs are medians of per-round values", ""]
+    for clock, key in (("wall", "summary"), ("thread CPU", "cpu_summary")):
+        s = record[key]
+        for text, value, limit in (
+            ("t_flat ≤ 1.25 × t_lora", s["flat_over_lora"], 1.25),
+            ("unarmed hooks ≤ 2 µs per target per step", s["unarmed_hooks_us_per_target"], 2.0),
+        ):
+            verdict = "meets" if value <= limit else "MISSES"
+            lines.append(f"{verdict} ({clock}): {text} (measured {value:.3f})")
+    if "breakdown_us_per_step" in record:
+        breakdown = record["breakdown_us_per_step"]
+        total = breakdown["flat_minus_lora"]
+        lines += [
+            "",
+            f"where flat's extra {total:.0f} µs per step go (thread CPU time; each component "
+            "timed alone, the rest by difference):",
+            "",
+            "| component | µs / step | µs / target / step | share |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, value in breakdown["components"].items():
+            lines.append(
+                f"| {name} | {value:.0f} | {value / record['num_targets']:.1f} "
+                f"| {100 * value / total:.0f}% |"
+            )
+        lines += [
+            "",
+            "cProfile of flat steps, flatopt's functions by cumulative time (µs per step):",
+            "",
+            "| function | calls / step | self µs | cumulative µs |",
+            "|---|---:|---:|---:|",
+        ]
+        for row in record["python_profile"]["flatopt_by_cumulative_time"]:
+            lines.append(
+                f"| `{row['function']}` | {row['calls_per_step']:.0f} | {row['self_us']:.1f} "
+                f"| {row['cumulative_us']:.1f} |"
+            )
+        lines += ["", profile_table(record["aten_profile"])]
+    return "\n".join(lines)
+
+
+# -- the CPU seed space -------------------------------------------------------------------------
+
+SEED_SPACE_SHAPES = {"teaching 64x64": (64, 64), "512x512": (512, 512)}
+
+
+def seed_space_statistics(generator: torch.Generator) -> dict[str, dict[str, float]]:
+    """Each draw's z at 512 × 512 for a 63-bit seed: moments, and its correlation with the z of
+    the seed + 2³² (the same low 32 bits) and of the seed + 1."""
+    seed = flatopt.noise.derive_seed(0, 0)
+    stats = {}
+    for name, draw in SEED_DRAWS.items():
+        z, same_low, next_seed = (torch.empty(512, 512) for _ in range(3))
+        scratch = torch.empty(512, 512)
+        draw(z, generator, seed, scratch)
+        draw(same_low, generator, seed ^ (1 << 40), scratch)
+        draw(next_seed, generator, seed + 1, scratch)
+        flat = z.double().flatten()
+        centred = flat - flat.mean()
+
+        def corr(other: Tensor, flat: Tensor = flat) -> float:
+            return torch.corrcoef(torch.stack([flat, other.double().flatten()]))[0, 1].item()
+
+        stats[name] = {
+            "mean": flat.mean().item(),
+            "std": flat.std().item(),
+            "kurtosis": (centred.pow(4).mean() / centred.square().mean() ** 2).item(),
+            "corr_with_seed_differing_above_bit_32": corr(same_low),
+            "corr_with_next_seed": corr(next_seed),
+        }
+    return stats
+
+
+def run_seed_space(args: argparse.Namespace) -> dict[str, Any]:
+    """Time each way of drawing z from a 64-bit seed against flatopt's 32-bit-seeded draw."""
+    generator = torch.Generator()
+    seed = flatopt.noise.derive_seed(args.seed, 0)
+    calls: dict[str, Call] = {}
+    shapes: dict[str, dict[str, Any]] = {}
+    for label, shape in SEED_SPACE_SHAPES.items():
+        weight = torch.randn(shape)
+        parts = blocks(weight) if weight.numel() > BLOCK_ELEMENTS else [slice(0, shape[0])]
+        out = torch.empty(shape)
+        scratch = torch.empty(shape)
+        seeds = [flatopt.noise.block_seed(seed, index) for index in range(len(parts))]
+        shapes[label] = {"shape": list(shape), "blocks": len(parts)}
+        for name, draw in SEED_DRAWS.items():
+
+            def call(draw=draw, out=out, scratch=scratch, parts=parts, seeds=seeds) -> None:
+                for rows, block_seed in zip(parts, seeds):
+                    draw(out[rows], generator, block_seed, scratch[rows])
+
+            calls[f"{label}: {name}"] = call
+        std = noise_std(weight, None, args.sigma)
+        calls[f"{label}: W + ε"] = lambda weight=weight, std=std: perturbed_weight(
+            weight, std, generator=generator, seed=seed
+        )
+    setup = teaching_setup(argparse.Namespace(**{**vars(args), "profile": False}))
+    calls["teaching LoRA step"] = setup["calls"]["lora"]
+    draws_per_step = len(setup["draws"])
+    wall, times = interleaved(calls, args.rounds, args.repeat, args.warmup)
+    results: dict[str, Any] = {}
+    for label, info in shapes.items():
+        row: dict[str, Any] = dict(info)
+        row["us"] = {
+            name: 1e6 * statistics.median(times[f"{label}: {name}"])
+            for name in [*SEED_DRAWS, "W + ε"]
+        }
+        base, whole = f"{label}: seed32", f"{label}: W + ε"
+        for name in SEED_DRAWS:
+            if name == "seed32":
+                continue
+            extra = [a - b for a, b in zip(times[f"{label}: {name}"], times[base])]
+            row[f"{name}_extra_us_per_draw"] = 1e6 * statistics.median(extra)
+            row[f"{name}_extra_percent_of_w_plus_eps"] = statistics.median(
+                100 * e / w for e, w in zip(extra, times[whole])
+            )
+            if label.startswith("teaching"):
+                row[f"{name}_extra_percent_of_teaching_lora_step"] = statistics.median(
+                    100 * draws_per_step * e / step
+                    for e, step in zip(extra, times["teaching LoRA step"])
+                )
+        results[label] = row
+    return {
+        "draws_per_teaching_step": draws_per_step,
+        "t_teaching_lora_step_us": 1e6 * statistics.median(times["teaching LoRA step"]),
+        "shapes": results,
+        "statistics_512x512": seed_space_statistics(generator),
+        "clock": "thread CPU time (one torch thread)",
+        "rounds": args.rounds,
+        "calls_per_timing": args.repeat,
+        "times": wall,
+        "cpu_times": times,
+    }
+
+
+def seed_space_table(record: dict[str, Any]) -> str:
+    lines = [
+        "| shape | blocks | seed32 (µs) | sum_of_two (µs) | xor_state (µs) | W + ε today (µs) "
+        "| sum_of_two extra | xor_state extra |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, row in record["shapes"].items():
+        us = row["us"]
+        lines.append(
+            f"| {label} | {row['blocks']} | {us['seed32']:.1f} | {us['sum_of_two']:.1f} "
+            f"| {us['xor_state']:.1f} | {us['W + ε']:.1f} "
+            f"| {row['sum_of_two_extra_us_per_draw']:+.1f} µs "
+            f"({row['sum_of_two_extra_percent_of_w_plus_eps']:+.0f}% of W + ε) "
+            f"| {row['xor_state_extra_us_per_draw']:+.1f} µs "
+            f"({row['xor_state_extra_percent_of_w_plus_eps']:+.0f}% of W + ε) |"
+        )
+    teaching = next(r for label, r in record["shapes"].items() if label.startswith("teaching"))
+    lines.append(
+        f"\nat the teaching size, {record['draws_per_teaching_step']} draws per step: "
+        f"sum_of_two adds {teaching['sum_of_two_extra_percent_of_teaching_lora_step']:+.1f}% "
+        f"and xor_state {teaching['xor_state_extra_percent_of_teaching_lora_step']:+.1f}% of "
+        f"a LoRA step ({record['t_teaching_lora_step_us']:.0f} µs)"
+    )
+    lines += ["", "| draw | mean | std | kurtosis | corr, seed ^ 2⁴⁰ | corr, seed + 1 |"]
+    lines.append("|---|---:|---:|---:|---:|---:|")
+    for name, row in record["statistics_512x512"].items():
+        lines.append(
+            f"| {name} | {row['mean']:+.4f} | {row['std']:.4f} | {row['kurtosis']:.3f} "
+            f"| {row['corr_with_seed_differing_above_bit_32']:+.4f} "
+            f"| {row['corr_with_next_seed']:+.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def environment(args: argparse.Namespace) -> dict[str, Any]:
+    """Where the run happened: versions, machine, threads, and the GPU when there is one."""
+    info: dict[str, Any] = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "device": args.device,
+    }
+    if args.device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def run_mode(args: argparse.Namespace, mode: str) -> int:
+    """``--teaching`` and ``--seed-space``: one CPU thread, interleaved rounds, a JSON."""
+    torch.set_num_threads(1)
+    load_before = os.getloadavg()
+    began = time.perf_counter()
+    record = run_teaching(args) if mode == "teaching" else run_seed_space(args)
+    seconds = time.perf_counter() - began
+    print()
+    print(teaching_table(record) if mode == "teaching" else seed_space_table(record))
+    print(
+        f"\nload average before / after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f}; "
+        f"{seconds:.0f} s"
+    )
+    report = {
+        "benchmark": f"overhead_{mode.replace('-', '_')}",
+        "command": "python benchmarks/overhead.py " + " ".join(args.argv),
+        "config": {
+            "sigma": args.sigma,
+            "schedule": "constant",
+            "optimizer": "AdamW(lr=1e-3)",
+            "rounds": args.rounds,
+            "repeat": args.repeat,
+            "warmup": args.warmup,
+            "seed": args.seed,
+            "smoke": args.smoke,
+        },
+        **environment(args),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "timed_seconds": seconds,
+        mode.replace("-", "_"): record,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--width", type=int, default=512, help="model width d")
     parser.add_argument(
-        "--layers", type=int, default=None, help="transformer blocks (default 4; 2 with --sweep)"
+        "--device", choices=("cpu", "cuda"), default="cpu", help="where the model trains"
     )
-    parser.add_argument("--heads", type=int, default=8, help="attention heads")
+    parser.add_argument(
+        "--dtype", choices=tuple(DTYPES), default=None, help="weights (default fp32; cuda: bf16)"
+    )
+    parser.add_argument("--width", type=int, default=None, help="model width d (512; cuda 1024)")
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="transformer blocks (default 4, 2 with --sweep; cuda: 24)",
+    )
+    parser.add_argument("--heads", type=int, default=None, help="attention heads (8; cuda 16)")
     parser.add_argument("--vocab", type=int, default=2048, help="vocabulary size")
-    parser.add_argument("--tokens", type=int, default=2048, help="tokens per micro-batch")
+    parser.add_argument(
+        "--tokens", type=int, default=None, help="tokens per micro-batch (2048; cuda 4096)"
+    )
     parser.add_argument(
         "--accumulation", type=int, default=1, help="micro-batches per optimizer step"
     )
-    parser.add_argument("--max-seq", type=int, default=256, help="sequence length cap")
+    parser.add_argument(
+        "--max-seq", type=int, default=None, help="sequence length cap (256; cuda 1024)"
+    )
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
     parser.add_argument("--alpha", type=float, default=16, help="LoRA alpha")
     parser.add_argument("--sigma", type=float, default=0.05, help="noise scale σ")
@@ -455,7 +1051,9 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds", type=int, default=None, help="timed rounds (default 11; at most 7 in a sweep)"
     )
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per method")
-    parser.add_argument("--repeat", type=int, default=1, help="steps per timing")
+    parser.add_argument(
+        "--repeat", type=int, default=None, help="steps per timing (1; cuda 3; teaching 200)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the model, data, noise")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (default: torch's)"
@@ -472,12 +1070,43 @@ def main(argv: list[str] | None = None) -> int:
         "reference step's (2048 × 512²); 0 runs every cell",
     )
     parser.add_argument("--profile", action="store_true", help="torch.profiler summary")
+    parser.add_argument(
+        "--teaching", action="store_true", help="the teaching-size model (one CPU thread)"
+    )
+    parser.add_argument(
+        "--seed-space", action="store_true", help="the cost of a 64-bit seed space on CPU"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny model, 2 rounds")
     parser.add_argument("--out", type=Path, default=None, help="JSON output")
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
 
-    if args.layers is None:
-        args.layers = 2 if args.sweep else 4
+    mode = "teaching" if args.teaching else "seed-space" if args.seed_space else None
+    if args.teaching and args.seed_space:
+        parser.error("--teaching and --seed-space are separate runs; choose one")
+    if mode is not None:
+        if args.device != "cpu" or args.sweep:
+            parser.error(f"--{mode} runs on the CPU, without --sweep")
+        args.rounds = args.rounds or (2 if args.smoke else 15)
+        args.repeat = args.repeat or (10 if args.smoke else 200)
+        args.warmup = 5 if args.warmup is None else args.warmup
+        if min(args.rounds, args.repeat) < 1 or args.warmup < 0:
+            parser.error("--rounds and --repeat must be >= 1, --warmup >= 0")
+        if args.out is None:
+            args.out = Path("benchmarks/results") / f"overhead_{mode.replace('-', '_')}.json"
+        return run_mode(args, mode)
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(
+            "--device cuda, but torch.cuda.is_available() is False: run it on a machine with a "
+            "CUDA GPU and a CUDA build of torch"
+        )
+    if args.layers is None and args.sweep:
+        args.layers = 2
+    defaults = GPU_DEFAULTS if args.device == "cuda" else CPU_DEFAULTS
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.rounds is None:
         args.rounds = 7 if args.sweep else 11
     if args.warmup is None:
@@ -494,7 +1123,7 @@ def main(argv: list[str] | None = None) -> int:
             skipped = [{"tokens": t, "width": w, "accumulation": a} for t, w, a in heavy]
             grid = [g for g in grid if g not in heavy]
     if args.smoke:
-        args.layers, args.heads, args.vocab = 2, 4, 256
+        args.layers, args.heads, args.vocab, args.max_seq = 2, 4, 256, 256
         args.rounds, args.warmup, args.cell_seconds = 2, 1, 1.0
         grid = [(128, 64, 1), (128, 64, 2)] if args.sweep else [(256, 64, args.accumulation)]
         if args.threads is None:  # tiny matrices: a second thread only adds waiting
@@ -515,10 +1144,14 @@ def main(argv: list[str] | None = None) -> int:
     ]
     seconds = time.perf_counter() - began
 
+    where = (
+        f"{torch.cuda.get_device_name()}, {args.dtype}"
+        if args.device == "cuda"
+        else f"CPU, {args.dtype}, {torch.get_num_threads()} threads"
+    )
     print(
         f"\nGPT decoder, {args.heads} heads, vocab {args.vocab}, LoRA r={args.rank} on the block "
-        f"linears, sigma={args.sigma}, rho={args.rho}, {torch.get_num_threads()} threads; "
-        f"wall-clock medians\n"
+        f"linears, sigma={args.sigma}, rho={args.rho}, {where}; wall-clock medians\n"
     )
     if len(cells) == 1:
         print(reference_table(cells[0]))
@@ -540,9 +1173,10 @@ def main(argv: list[str] | None = None) -> int:
 
     report: dict[str, Any] = {
         "benchmark": "overhead_sweep" if args.sweep else "overhead",
-        "command": "python benchmarks/overhead.py "
-        + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python benchmarks/overhead.py " + " ".join(args.argv),
         "config": {
+            "device": args.device,
+            "dtype": args.dtype,
             "lora_rank": args.rank,
             "lora_alpha": args.alpha,
             "lora_targets": list(BLOCK_LINEARS),
@@ -559,12 +1193,7 @@ def main(argv: list[str] | None = None) -> int:
             "seed": args.seed,
             "smoke": args.smoke,
         },
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
+        **environment(args),
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

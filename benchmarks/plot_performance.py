@@ -90,9 +90,14 @@ def plot(report: dict[str, Any], png: Path) -> dict[str, Any]:
                 ax.set_ylabel("extra time / plain LoRA step")
             ax.set_ylim(3e-3, 3)
     layers = cells[0]["layers"]
+    where = (
+        f"{report.get('gpu', 'GPU')}, {cells[0].get('dtype', 'bf16')}"
+        if report.get("device") == "cuda"
+        else f"{report['threads']} thread(s), CPU"
+    )
     figure.suptitle(
         f"Step time over plain LoRA: GPT decoder, {layers} layers, LoRA on every block linear "
-        f"({report['threads']} thread(s), CPU)",
+        f"({where})",
         fontsize=10,
     )
     handles, labels = axes[0][0].get_legend_handles_labels()

@@ -96,8 +96,16 @@ def dense_delta_adapter(module: nn.Module):
 KINDS = ("lora", "transposed", "conv", "dense_delta")
 
 
-def build(kind: str, dtype: torch.dtype, out: int, fan_in: int, rank: int, seed: int):
-    """Return ``(model, input, adapters)`` for one model kind, all drawn from ``seed``."""
+def build(kind: str, dtype: torch.dtype, out: int, fan_in: int, rank: int, seed: int, device="cpu"):
+    """Return ``(model, input, adapters)`` for one model kind, all drawn from ``seed``.
+
+    Everything is drawn on the CPU, then moved to ``device``: the same values on every device.
+    """
+    model, x, adapters = _build_on_cpu(kind, dtype, out, fan_in, rank, seed)
+    return model.to(device), x.to(device), adapters
+
+
+def _build_on_cpu(kind: str, dtype: torch.dtype, out: int, fan_in: int, rank: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     if kind in ("lora", "dense_delta"):
         torch_layers = [nn.Linear(fan_in, out), nn.Tanh(), nn.Linear(out, 3)]
@@ -158,9 +166,10 @@ def frozen_names(model: nn.Module) -> list[str]:
 def reference_weights(opt: flatopt.FlatPerturb, model: nn.Module) -> dict[str, Tensor]:
     """W + ε for every target, built by hand from the law: the slow, explicit reference."""
     names = {id(p): n for n, p in model.named_parameters()}
-    sigma, generator, replaced = opt.sigma, torch.Generator(), {}
+    sigma, replaced = opt.sigma, {}
     for site in opt._sites:
         weight = site.target.weight
+        generator = torch.Generator(device=weight.device)
         delta = site.target.delta() if site.target.delta else None
         std = flatopt.noise.noise_std(weight, delta, sigma, transposed=site.target.transposed)
         seed = derive_seed(opt.seed, opt.num_steps, 0, site.index, 0)
@@ -174,3 +183,44 @@ def reference_weights(opt: flatopt.FlatPerturb, model: nn.Module) -> dict[str, T
 def reference_forward(model: nn.Module, replaced: dict[str, Tensor], x: Tensor) -> Tensor:
     params = dict(model.named_parameters())
     return functional_call(model, {**params, **replaced}, (x,))
+
+
+# -- what a forward reads, and a model with nothing armed ---------------------------------------
+
+
+def record_reads(module: nn.Module, name: str = "weight") -> list[Tensor]:
+    """Clone the tensor ``module`` reads at each call: W + ε while the noise is armed.
+
+    Registered after FlatPerturb is built, the pre-hook runs after flatopt's and sees what the
+    forward reads.
+    """
+    seen: list[Tensor] = []
+
+    def hook(module, args):
+        seen.append(getattr(module, name).detach().clone())
+
+    module.register_forward_pre_hook(hook)
+    return seen
+
+
+def lora_forward(model: nn.Sequential, x: Tensor) -> Tensor:
+    """The forward of a Sequential of `LoRALinear` and plain layers, by hand: no hook runs."""
+    for layer in model:
+        if isinstance(layer, LoRALinear):
+            update = x @ layer.lora_A.t() @ layer.lora_B.t()
+            x = F.linear(x, layer.base.weight, layer.base.bias) + layer.scaling * update
+        else:
+            x = layer(x)
+    return x
+
+
+def assert_nothing_armed(model: nn.Module) -> None:
+    """No flatopt swap armed and no call in flight on any module, no saved-tensor hooks left."""
+    from flatopt._arming import find_slot
+
+    for name, module in model.named_modules():
+        slot = find_slot(module)
+        if slot is not None:
+            assert not slot.swaps, f"{name!r} is still armed"
+            assert not slot.frames, f"{name!r} has a call in flight"
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None

@@ -10,6 +10,10 @@ from hypothesis import strategies as st
 from flatopt._arming import _parallel
 from flatopt.noise import BLOCK_ELEMENTS, blocks, draw_noise, perturbed_weight
 
+pytestmark = pytest.mark.cpu_only(
+    reason="blocks and the thread pool are the CPU draw; other devices draw one block"
+)
+
 
 @pytest.fixture
 def threads():

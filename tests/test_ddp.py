@@ -28,10 +28,13 @@ from torch.nn.parallel import DistributedDataParallel
 import flatopt
 from flatopt.lora import LoRALinear, add_lora
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()),
-    reason="needs torch.distributed with the gloo backend",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not (dist.is_available() and dist.is_gloo_available()),
+        reason="needs torch.distributed with the gloo backend",
+    ),
+    pytest.mark.cpu_only(reason="gloo on CPU processes; one GPU cannot host two NCCL ranks"),
+]
 
 WORLD = 2
 STEPS = 6

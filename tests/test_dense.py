@@ -56,17 +56,21 @@ def _layer(kind: str, rows: int, fan_in: int, generator: torch.Generator, dtype)
 
 
 def _input(kind: str, layer: nn.Module, batch: int, generator: torch.Generator) -> Tensor:
+    """An input drawn on the CPU from ``generator``, moved to the layer's device."""
+    weight = layer.weight
     if kind == "linear":
-        return torch.randn(batch, layer.in_features, generator=generator).to(layer.weight.dtype)
-    if kind == "conv":
+        x = torch.randn(batch, layer.in_features, generator=generator).to(weight.dtype)
+    elif kind == "conv":
         shape = (batch, layer.in_channels, 5, 5)
-        return torch.randn(shape, generator=generator).to(layer.weight.dtype)
-    return torch.randint(0, layer.num_embeddings, (batch, 3), generator=generator)
+        x = torch.randn(shape, generator=generator).to(weight.dtype)
+    else:
+        x = torch.randint(0, layer.num_embeddings, (batch, 3), generator=generator)
+    return x.to(weight.device)
 
 
-def _model(kind: str, rows: int, fan_in: int, seed: int, dtype):
+def _model(kind: str, rows: int, fan_in: int, seed: int, dtype, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    layer = _layer(kind, rows, fan_in, g, dtype)
+    layer = _layer(kind, rows, fan_in, g, dtype).to(device)
     model = nn.Sequential(layer, nn.Tanh())
     return model, layer, _input(kind, layer, 4, g)
 
@@ -97,9 +101,9 @@ def _wrap(model: nn.Module, layer: nn.Module, sigma: float, seed: int, **kwargs)
     micro=st.integers(1, 2),
 )
 def test_trainable_dense_target_round_trip_is_bitwise_exact(
-    kind, dtype, rows, fan_in, sigma, seed, steps, micro
+    kind, dtype, rows, fan_in, sigma, seed, steps, micro, device
 ):
-    model, layer, x = _model(kind, rows, fan_in, seed % 1000, dtype)
+    model, layer, x = _model(kind, rows, fan_in, seed % 1000, dtype, device)
     opt = _wrap(model, layer, sigma, seed)
     for _ in range(steps):
         before = snapshot(model)  # the trainable weight included: only step() may move it
@@ -126,14 +130,15 @@ def _read_noise(kind: str, layer: nn.Module, opt: flatopt.FlatPerturb) -> Tensor
     flattened kernels; an Embedding of every token gives W itself. Each read is exact up to
     the rounding of W + ε.
     """
+    like = {"dtype": layer.weight.dtype, "device": layer.weight.device}
     with torch.no_grad():
         if kind == "linear":
-            probe = torch.eye(layer.in_features, dtype=layer.weight.dtype)
+            probe = torch.eye(layer.in_features, **like)
         elif kind == "conv":
             n = layer.weight[0].numel()
-            probe = torch.eye(n, dtype=layer.weight.dtype).view(n, *layer.weight.shape[1:])
+            probe = torch.eye(n, **like).view(n, *layer.weight.shape[1:])
         else:
-            probe = torch.arange(layer.num_embeddings)
+            probe = torch.arange(layer.num_embeddings, device=layer.weight.device)
         clean = layer(probe).double()
         with opt.perturbed():
             noisy = layer(probe).double()
@@ -152,10 +157,10 @@ def _logical(kind: str, layer: nn.Module) -> Tensor:
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("kind", KINDS)
-def test_dense_noise_follows_the_row_norm_law(kind, dtype):
+def test_dense_noise_follows_the_row_norm_law(kind, dtype, device):
     rows, fan_in, sigma = 16, 1152, 0.1  # conv: 128 channels · 3 · 3 = 1152
     g = torch.Generator().manual_seed(5)
-    layer = _layer(kind, rows, fan_in, g, dtype)
+    layer = _layer(kind, rows, fan_in, g, dtype).to(device)
     if kind == "linear":
         layer.bias = None
     opt = _wrap(layer, layer, sigma, seed=11)
@@ -180,10 +185,10 @@ def test_dense_noise_follows_the_row_norm_law(kind, dtype):
     assert abs(z.mean()) <= Z / math.sqrt(z.numel()) + slack / 10
 
 
-def test_embedding_rows_are_the_embedding_dims_not_the_tokens():
+def test_embedding_rows_are_the_embedding_dims_not_the_tokens(device):
     """For ``(num_embeddings, dim)`` the std is per column: σ·‖W[:, d]‖/√num_embeddings."""
     g = torch.Generator().manual_seed(3)
-    layer = _layer("embedding", 8, 2048, g, torch.float32)
+    layer = _layer("embedding", 8, 2048, g, torch.float32).to(device)
     opt = _wrap(layer, layer, 0.2, seed=2)
     assert opt.targets == [("", (8, 2048))]
     eps = _read_noise("embedding", layer, opt)  # (dim, tokens)
@@ -196,7 +201,7 @@ def test_embedding_rows_are_the_embedding_dims_not_the_tokens():
     assert (token_ratio - 1).abs().max() > 0.5
 
 
-def test_dense_and_lora_targets_in_one_model_each_follow_their_own_law():
+def test_dense_and_lora_targets_in_one_model_each_follow_their_own_law(device):
     fan_in, rows, rank, sigma = 1024, 16, 2, 0.1
     g = torch.Generator().manual_seed(8)
     body = nn.Linear(fan_in, rows, bias=False)
@@ -213,10 +218,11 @@ def test_dense_and_lora_targets_in_one_model_each_follow_their_own_law():
         head.weight.copy_(
             torch.randn(rows, fan_in, generator=g) * torch.logspace(-1, 1, rows)[:, None]
         )
+    model.to(device)
     opt = _wrap(model, head, sigma, seed=4)
     assert [name for name, _ in opt.targets] == ["0", "2"]
 
-    eye = torch.eye(fan_in)
+    eye = torch.eye(fan_in, device=device)
     with torch.no_grad():
         clean = (lora.base(eye).double(), head(eye).double())
         with opt.perturbed():
@@ -244,8 +250,8 @@ def test_dense_and_lora_targets_in_one_model_each_follow_their_own_law():
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("steps", [0, 2])
-def test_dense_gradients_match_the_explicit_reference(kind, dtype, steps):
-    model, layer, x = _model(kind, 6, 18, seed=9, dtype=dtype)
+def test_dense_gradients_match_the_explicit_reference(kind, dtype, steps, device):
+    model, layer, x = _model(kind, 6, 18, seed=9, dtype=dtype, device=device)
     opt = _wrap(model, layer, 0.2, seed=13)
     for _ in range(steps):  # move the weight, so the norms are those of the trained W
         with opt.perturbed():

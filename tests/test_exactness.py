@@ -57,9 +57,9 @@ def _wrap(model, adapters, sigma, seed, resample="step", lr=0.05):
     resample=st.sampled_from(["step", "call"]),
 )
 def test_round_trip_is_bitwise_exact(
-    kind, dtype, out, fan_in, rank, sigma, seed, steps, micro, resample
+    kind, dtype, out, fan_in, rank, sigma, seed, steps, micro, resample, device
 ):
-    model, x, adapters = build(kind, dtype, out, fan_in, rank, seed % 1000)
+    model, x, adapters = build(kind, dtype, out, fan_in, rank, seed % 1000, device)
     frozen = frozen_names(model)
     start = snapshot(model)
     opt = _wrap(model, adapters, sigma, seed, resample)
@@ -80,8 +80,8 @@ def test_round_trip_is_bitwise_exact(
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_non_finite_weights_stay_what_they_were(dtype):
-    model, x, _ = build("lora", dtype, 6, 5, 2, seed=0)
+def test_non_finite_weights_stay_what_they_were(dtype, device):
+    model, x, _ = build("lora", dtype, 6, 5, 2, seed=0, device=device)
     base = model[0].base.weight
     with torch.no_grad():
         base[0, 0], base[1, 1], base[2, 2] = float("nan"), float("inf"), -0.0
@@ -116,14 +116,14 @@ class Raising(nn.Module):
 
 
 @pytest.mark.parametrize("where", ["forward", "backward", "inside_target", "hook"])
-def test_an_exception_leaves_nothing_perturbed(where):
-    model, x, _ = build("lora", torch.float32, 6, 5, 2, seed=0)
+def test_an_exception_leaves_nothing_perturbed(where, device):
+    model, x, _ = build("lora", torch.float32, 6, 5, 2, seed=0, device=device)
     model.append(Raising(where))
     base = model[0].base
     if where == "hook":
         model[1].register_forward_hook(boom)
     if where == "inside_target":
-        x = torch.randn(3, 7)  # a shape the target layer rejects inside its forward
+        x = torch.randn(3, 7, device=device)  # a shape the target layer rejects in its forward
     before = snapshot(model)
     original = base.weight
     opt = _wrap(model, [], sigma=0.2, seed=3)
@@ -135,9 +135,9 @@ def test_an_exception_leaves_nothing_perturbed(where):
     assert _top_hooks() is None
     assert_untouched(model, before)
     # The wrapper is still usable, and perturbs again.
-    clean = model[0](torch.ones(2, 5))
+    clean = model[0](torch.ones(2, 5, device=device))
     with opt.perturbed():
-        noisy = model[0](torch.ones(2, 5))
+        noisy = model[0](torch.ones(2, 5, device=device))
         noisy.sum().backward()
     opt.step()
     assert not torch.equal(clean, noisy)
@@ -147,8 +147,8 @@ def test_an_exception_leaves_nothing_perturbed(where):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch_dims", [(), (2, 3)])
-def test_perturbed_weight_is_freed_after_forward(kind, dtype, batch_dims):
-    model, x, adapters = build(kind, dtype, 16, 12, 4, seed=0)
+def test_perturbed_weight_is_freed_after_forward(kind, dtype, batch_dims, device):
+    model, x, adapters = build(kind, dtype, 16, 12, 4, seed=0, device=device)
     if kind != "conv":
         x = x.expand(*batch_dims, *x.shape).clone()
     x.requires_grad_(True)  # so that autograd must save every target's weight for backward
@@ -169,8 +169,8 @@ def test_perturbed_weight_is_freed_after_forward(kind, dtype, batch_dims):
     assert x.grad is not None
 
 
-def test_trainable_dense_weight_is_freed_and_never_written():
-    layer = nn.Linear(32, 16)
+def test_trainable_dense_weight_is_freed_and_never_written(device):
+    layer = nn.Linear(32, 16, device=device)
     seen = []
     layer.register_forward_hook(lambda m, a, o: seen.append(weakref.ref(m.weight)))
     opt = flatopt.FlatPerturb(
@@ -183,7 +183,7 @@ def test_trainable_dense_weight_is_freed_and_never_written():
     )
     before = snapshot(layer)
     with opt.perturbed():
-        output = layer(torch.randn(4, 32, requires_grad=True))
+        output = layer(torch.randn(4, 32, device=device, requires_grad=True))
         assert seen[0]() is None
         output.sum().backward()
     assert_untouched(layer, before)
@@ -202,7 +202,7 @@ class Block(nn.Module):
 
 
 @pytest.mark.parametrize("dense_head", [False, True])
-def test_activation_checkpointing_recomputes_under_the_same_noise(dense_head):
+def test_activation_checkpointing_recomputes_under_the_same_noise(dense_head, device):
     torch.manual_seed(0)
     stem, block, head = nn.Linear(6, 12), Block(), nn.Linear(12, 2)
     model = nn.ModuleList([stem, block, head])
@@ -211,9 +211,10 @@ def test_activation_checkpointing_recomputes_under_the_same_noise(dense_head):
         if isinstance(m, LoRALinear):
             nn.init.normal_(m.lora_B, std=0.2)
     head.requires_grad_(True)
+    model.to(device)
     adapters = [lambda m: flatopt.Target(m, "weight") if m is head else None] if dense_head else []
     opt = _wrap(model, adapters, sigma=0.3, seed=5)
-    x = torch.randn(4, 6)
+    x = torch.randn(4, 6).to(device)
     results = {}
     for mode in (None, "reentrant", "non_reentrant"):
         opt.zero_grad()
@@ -231,8 +232,8 @@ def test_activation_checkpointing_recomputes_under_the_same_noise(dense_head):
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
-def test_weight_version_does_not_move_during_a_perturbed_step():
-    model, x, _ = build("lora", torch.float32, 8, 8, 2, seed=0)
+def test_weight_version_does_not_move_during_a_perturbed_step(device):
+    model, x, _ = build("lora", torch.float32, 8, 8, 2, seed=0, device=device)
     weight = model[0].base.weight
     version = weight._version
     opt = _wrap(model, [], sigma=0.1, seed=0)

@@ -18,10 +18,11 @@ def _model():
     return nn.ModuleDict({"attn": Attention(), "head": nn.Linear(8, 2)})
 
 
-def test_a_fresh_layer_equals_its_base_and_the_update_is_scaled_b_a():
-    base = nn.Linear(6, 4)
+def test_a_fresh_layer_equals_its_base_and_the_update_is_scaled_b_a(device):
+    base = nn.Linear(6, 4, device=device)
     layer = LoRALinear(base, rank=2, alpha=6)
-    x = torch.randn(3, 6)
+    assert layer.lora_A.device == layer.lora_B.device == base.weight.device
+    x = torch.randn(3, 6, device=device)
     assert torch.equal(layer(x), base(x))  # B starts at zero
     nn.init.normal_(layer.lora_B)
     expected = base(x) + 3.0 * x @ (layer.lora_B @ layer.lora_A).t()
@@ -34,9 +35,10 @@ def test_a_fresh_layer_equals_its_base_and_the_update_is_scaled_b_a():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_factors_follow_the_base_dtype(dtype):
-    layer = LoRALinear(nn.Linear(5, 3).to(dtype), rank=2)
+def test_factors_follow_the_base_dtype(dtype, device):
+    layer = LoRALinear(nn.Linear(5, 3).to(device, dtype), rank=2)
     assert layer.lora_A.dtype == layer.lora_B.dtype == dtype
+    assert layer.lora_A.device.type == layer.lora_B.device.type == device
     assert layer.lora_A.shape == (2, 5) and layer.lora_B.shape == (3, 2)
 
 

@@ -37,9 +37,16 @@ def _generator(seed: int) -> torch.Generator:
     return generator
 
 
-def _randn(generator: torch.Generator, *shape: int, dtype=torch.float32) -> Tensor:
+def _randn(generator: torch.Generator, *shape: int, dtype=torch.float32, device="cpu") -> Tensor:
+    """Drawn on the CPU from ``generator`` and moved to ``device``: the same values anywhere."""
     # Clamped so that property inputs stay bounded whatever the seed.
-    return torch.randn(*shape, generator=generator, dtype=torch.float64).clamp(-4, 4).to(dtype)
+    z = torch.randn(*shape, generator=generator, dtype=torch.float64).clamp(-4, 4)
+    return z.to(device, dtype)
+
+
+def _noise_generator(device: str, seed: int = 0) -> torch.Generator:
+    """A generator on ``device``, for the noise itself (the law draws z where W lives)."""
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def _row_rms(eps: Tensor) -> Tensor:
@@ -47,7 +54,7 @@ def _row_rms(eps: Tensor) -> Tensor:
     return eps.double().square().mean(dim=1).sqrt()
 
 
-def _merged_case(out: int, fan_in: int, rank: int, seed: int, dtype=torch.float32):
+def _merged_case(out: int, fan_in: int, rank: int, seed: int, dtype=torch.float32, device="cpu"):
     """W, B, A with ‖W_i‖ ≈ 1 and ‖W'_i‖ ≈ √(1 + c_i²), c_i from 0 to 4 along the rows.
 
     So the merged norms differ from the base norms by a factor from 1 to ≈ 4.1.
@@ -57,7 +64,7 @@ def _merged_case(out: int, fan_in: int, rank: int, seed: int, dtype=torch.float3
     A = _randn(generator, rank, fan_in, dtype=torch.float64) / math.sqrt(fan_in)
     c = torch.linspace(0, 4, out, dtype=torch.float64)[:, None]
     B = _randn(generator, out, rank, dtype=torch.float64) / math.sqrt(rank) * c
-    return W.to(dtype), B.to(dtype), A.to(dtype)
+    return W.to(device, dtype), B.to(device, dtype), A.to(device, dtype)
 
 
 def _dense_norms(W: Tensor, factors=()) -> Tensor:
@@ -179,15 +186,16 @@ LAYOUTS = ("linear", "transposed", "conv", "conv_flat_A")
 FLOAT_DTYPES = st.sampled_from([torch.float32, torch.float64])
 
 
-def _build_weight(layout: str, out: int, fan_in: int, kernel: int, generator, dtype):
+def _build_weight(layout: str, out: int, fan_in: int, kernel: int, generator, dtype, device):
     """Return (the weight as stored, its logical (out, n) view, whether it is transposed)."""
+    like = {"dtype": dtype, "device": device}
     if layout.startswith("conv"):
-        weight = _randn(generator, out, fan_in, kernel, kernel, dtype=dtype)
+        weight = _randn(generator, out, fan_in, kernel, kernel, **like)
         return weight, weight.reshape(out, -1), False
     if layout == "transposed":
-        weight = _randn(generator, fan_in, out, dtype=dtype)
+        weight = _randn(generator, fan_in, out, **like)
         return weight, weight.t(), True
-    weight = _randn(generator, out, fan_in, dtype=dtype)
+    weight = _randn(generator, out, fan_in, **like)
     return weight, weight, False
 
 
@@ -237,20 +245,21 @@ def _assert_norms_close(actual: Tensor, expected: Tensor, size: Tensor, terms: i
     seed=st.integers(0, 2**32 - 1),
 )
 def test_row_norms_low_rank_identity_matches_dense(
-    layout, dtype, out, fan_in, kernel, ranks, scales, as_list, b_4d, seed
+    layout, dtype, out, fan_in, kernel, ranks, scales, as_list, b_4d, seed, device
 ):
     generator = _generator(seed)
-    weight, logical, transposed = _build_weight(layout, out, fan_in, kernel, generator, dtype)
+    like = {"dtype": dtype, "device": device}
+    weight, logical, transposed = _build_weight(layout, out, fan_in, kernel, generator, **like)
     n = logical.shape[1]
     factors = []
     for rank, scale in zip(ranks, scales):
-        B = _randn(generator, out, rank, dtype=dtype)
+        B = _randn(generator, out, rank, **like)
         if layout.startswith("conv") and b_4d:
             B = B.reshape(out, rank, 1, 1)  # a 1×1 conv as LoRA B
         if layout == "conv":
-            A = _randn(generator, rank, fan_in, kernel, kernel, dtype=dtype)
+            A = _randn(generator, rank, fan_in, kernel, kernel, **like)
         else:
-            A = _randn(generator, rank, n, dtype=dtype)
+            A = _randn(generator, rank, n, **like)
         factors.append(LowRank(B, A, scale))
     delta = factors if as_list or len(factors) > 1 else factors[0]
 
@@ -270,10 +279,13 @@ def test_row_norms_low_rank_identity_matches_dense(
     scale=st.floats(-4, 4, allow_nan=False),
     seed=st.integers(0, 2**32 - 1),
 )
-def test_row_norms_tensor_delta_matches_dense(layout, dtype, out, fan_in, kernel, scale, seed):
+def test_row_norms_tensor_delta_matches_dense(
+    layout, dtype, out, fan_in, kernel, scale, seed, device
+):
     generator = _generator(seed)
-    weight, logical, transposed = _build_weight(layout, out, fan_in, kernel, generator, dtype)
-    delta = scale * _randn(generator, *weight.shape, dtype=dtype)  # in the storage layout
+    like = {"dtype": dtype, "device": device}
+    weight, logical, transposed = _build_weight(layout, out, fan_in, kernel, generator, **like)
+    delta = scale * _randn(generator, *weight.shape, **like)  # in the storage layout
     logical_delta = delta.t() if transposed else delta.reshape(out, -1)
 
     actual = row_norms(weight, delta, transposed=transposed)
@@ -291,13 +303,14 @@ def test_row_norms_tensor_delta_matches_dense(layout, dtype, out, fan_in, kernel
     rank=st.integers(1, 4),
     seed=st.integers(0, 2**32 - 1),
 )
-def test_row_norms_base_sq_cache_is_equivalent_and_is_used(layout, dtype, out, fan_in, rank, seed):
+def test_row_norms_base_sq_cache_is_equivalent_and_is_used(
+    layout, dtype, out, fan_in, rank, seed, device
+):
     generator = _generator(seed)
-    weight, logical, transposed = _build_weight(layout, out, fan_in, 2, generator, dtype)
+    like = {"dtype": dtype, "device": device}
+    weight, logical, transposed = _build_weight(layout, out, fan_in, 2, generator, **like)
     n = logical.shape[1]
-    factor = LowRank(
-        _randn(generator, out, rank, dtype=dtype), _randn(generator, rank, n, dtype=dtype)
-    )
+    factor = LowRank(_randn(generator, out, rank, **like), _randn(generator, rank, n, **like))
     base_sq = _dense_norms(logical).square().to(dtype)
 
     cached = row_norms(weight, factor, transposed=transposed, base_sq=base_sq)
@@ -312,10 +325,11 @@ def test_row_norms_base_sq_cache_is_equivalent_and_is_used(layout, dtype, out, f
 
 
 @pytest.mark.parametrize("delta", [None, []], ids=["None", "empty-list"])
-def test_row_norms_without_delta_are_the_base_norms(delta):
-    W = torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.0, -2.0]])
-    assert torch.equal(row_norms(W, delta), torch.tensor([5.0, 2.0]))
-    assert torch.equal(row_norms(W.t(), delta, transposed=True), torch.tensor([5.0, 2.0]))
+def test_row_norms_without_delta_are_the_base_norms(delta, device):
+    W = torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.0, -2.0]], device=device)
+    expected = torch.tensor([5.0, 2.0], device=device)
+    assert torch.equal(row_norms(W, delta), expected)
+    assert torch.equal(row_norms(W.t(), delta, transposed=True), expected)
 
 
 @given(
@@ -327,13 +341,14 @@ def test_row_norms_without_delta_are_the_base_norms(delta):
     seed=st.integers(0, 2**32 - 1),
 )
 def test_noise_std_is_sigma_row_norm_over_sqrt_fan_in_without_gradient(
-    layout, out, fan_in, rank, sigma, seed
+    layout, out, fan_in, rank, sigma, seed, device
 ):
     generator = _generator(seed)
-    weight, logical, transposed = _build_weight(layout, out, fan_in, 2, generator, torch.float64)
+    like = {"dtype": torch.float64, "device": device}
+    weight, logical, transposed = _build_weight(layout, out, fan_in, 2, generator, **like)
     n = logical.shape[1]
-    B = _randn(generator, out, rank, dtype=torch.float64).requires_grad_()
-    A = _randn(generator, rank, n, dtype=torch.float64).requires_grad_()
+    B = _randn(generator, out, rank, **like).requires_grad_()
+    A = _randn(generator, rank, n, **like).requires_grad_()
     factor = LowRank(B, A, 0.5)
 
     std = noise_std(weight, factor, sigma, transposed=transposed)
@@ -354,12 +369,12 @@ ROW_TOL = Z / math.sqrt(2 * FAN_IN)
 MEAN_TOL = Z / math.sqrt(2 * FAN_IN * OUT)
 
 
-def _law_noise():
+def _law_noise(device):
     """ε for the merged case with OUT × FAN_IN weights, plus W and the LoRA factor."""
-    W, B, A = _merged_case(OUT, FAN_IN, RANK, seed=11)
+    W, B, A = _merged_case(OUT, FAN_IN, RANK, seed=11, device=device)
     factor = LowRank(B, A, 1.0)
     std = noise_std(W, factor, SIGMA)
-    eps = draw_noise(W, std, generator=torch.Generator(), seed=derive_seed(0, 0))
+    eps = draw_noise(W, std, generator=_noise_generator(device), seed=derive_seed(0, 0))
     return eps, W, factor
 
 
@@ -369,8 +384,8 @@ def _assert_row_std(eps: Tensor, expected_std: Tensor, row_tol: float, mean_tol:
     assert abs(ratio.mean() - 1) <= mean_tol, ratio.mean()
 
 
-def test_row_std_follows_the_merged_norm_not_the_base_norm():
-    eps, W, factor = _law_noise()
+def test_row_std_follows_the_merged_norm_not_the_base_norm(device):
+    eps, W, factor = _law_noise(device)
     merged = SIGMA * _dense_norms(W, [factor]) / math.sqrt(FAN_IN)
     base = SIGMA * _dense_norms(W) / math.sqrt(FAN_IN)
     assert (merged / base).max() > 3  # the case really separates the two laws
@@ -380,8 +395,8 @@ def test_row_std_follows_the_merged_norm_not_the_base_norm():
     assert (_row_rms(eps) / base - 1).abs().max() > 10 * ROW_TOL
 
 
-def test_noise_has_mean_zero_and_a_gaussian_shape():
-    eps, W, factor = _law_noise()
+def test_noise_has_mean_zero_and_a_gaussian_shape(device):
+    eps, W, factor = _law_noise(device)
     z = (eps.double() / (SIGMA * _dense_norms(W, [factor]) / math.sqrt(FAN_IN))[:, None]).flatten()
     count = z.numel()  # N = 262144
     # Mean of N unit normals: standard error 1/√N ≈ 0.002; per row 1/√n ≈ 0.016.
@@ -398,17 +413,18 @@ def test_noise_has_mean_zero_and_a_gaussian_shape():
     # Kolmogorov–Smirnov against N(0, 1): P(√N·D > 2.5) ≈ 2·exp(−2·2.5²) ≈ 7e-6.
     ordered = z.sort().values
     cdf = torch.special.ndtr(ordered)
-    ranks = torch.arange(1, count + 1, dtype=torch.float64)
+    ranks = torch.arange(1, count + 1, dtype=torch.float64, device=z.device)
     ks = torch.maximum(ranks / count - cdf, cdf - (ranks - 1) / count).max()
     assert ks * math.sqrt(count) <= 2.5
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_low_precision_weights_follow_the_law(dtype):
-    W, B, A = _merged_case(OUT, FAN_IN, RANK, seed=12, dtype=dtype)
+def test_low_precision_weights_follow_the_law(dtype, device):
+    W, B, A = _merged_case(OUT, FAN_IN, RANK, seed=12, dtype=dtype, device=device)
     factor = LowRank(B, A, 1.0)
     std = noise_std(W, factor, SIGMA)
-    perturbed = perturbed_weight(W, std, generator=torch.Generator(), seed=derive_seed(3, 0))
+    generator = _noise_generator(device)
+    perturbed = perturbed_weight(W, std, generator=generator, seed=derive_seed(3, 0))
     assert perturbed.dtype == dtype and perturbed.shape == W.shape
     eps = perturbed.double() - W.double()  # exact: both are low-precision numbers
 
@@ -421,55 +437,55 @@ def test_low_precision_weights_follow_the_law(dtype):
     assert (_row_rms(eps) / (SIGMA * _dense_norms(W) / math.sqrt(FAN_IN)) - 1).abs().max() > 1
 
 
-def test_perturbed_weight_and_draw_noise_share_the_same_z():
-    W, B, A = _merged_case(16, 64, 2, seed=13)
+def test_perturbed_weight_and_draw_noise_share_the_same_z(device):
+    W, B, A = _merged_case(16, 64, 2, seed=13, device=device)
     std = noise_std(W, LowRank(B, A, 1.0), 0.1)
-    eps = draw_noise(W, std, generator=torch.Generator(), seed=77)
+    eps = draw_noise(W, std, generator=_noise_generator(device), seed=77)
+    perturbed = perturbed_weight(W, std, generator=_noise_generator(device), seed=77)
     # W + ε rounded once to fp32: the difference is exact to ulp(|W| + |ε|).
-    torch.testing.assert_close(
-        perturbed_weight(W, std, generator=torch.Generator(), seed=77), W + eps, rtol=0, atol=1e-6
-    )
+    torch.testing.assert_close(perturbed, W + eps, rtol=0, atol=1e-6)
 
 
-def test_transposed_layout_scales_the_logical_rows():
-    W, B, A = _merged_case(OUT, FAN_IN, RANK, seed=14)
+def test_transposed_layout_scales_the_logical_rows(device):
+    W, B, A = _merged_case(OUT, FAN_IN, RANK, seed=14, device=device)
     factor = LowRank(B, A, 1.0)
     stored = W.t().contiguous()  # (fan_in, out), as GPT-2's Conv1D
     std = noise_std(stored, factor, SIGMA, transposed=True)
-    eps = draw_noise(stored, std, transposed=True, generator=torch.Generator(), seed=5)
+    eps = draw_noise(stored, std, transposed=True, generator=_noise_generator(device), seed=5)
     assert eps.shape == stored.shape
 
     expected = SIGMA * _dense_norms(W, [factor]) / math.sqrt(FAN_IN)
     _assert_row_std(eps.t(), expected, ROW_TOL, MEAN_TOL)
 
 
-def test_conv_layout_scales_the_output_channels():
+def test_conv_layout_scales_the_output_channels(device):
     out, channels, kernel, rank = OUT, 64, 8, 3  # n = 64·8·8 = 4096
     generator = _generator(15)
     weight = _randn(generator, out, channels, kernel, kernel) / math.sqrt(FAN_IN)
     weight = weight * torch.linspace(0.5, 4, out)[:, None, None, None]  # rows of unequal norm
     A = _randn(generator, rank, channels, kernel, kernel) / math.sqrt(FAN_IN)
     B = _randn(generator, out, rank)
+    weight, A, B = weight.to(device), A.to(device), B.to(device)
     factor = LowRank(B, A, 0.5)
     std = noise_std(weight, factor, SIGMA)
-    eps = draw_noise(weight, std, generator=torch.Generator(), seed=6)
+    eps = draw_noise(weight, std, generator=_noise_generator(device), seed=6)
     assert eps.shape == weight.shape
 
     expected = SIGMA * _dense_norms(weight, [factor]) / math.sqrt(FAN_IN)
     _assert_row_std(eps.reshape(out, -1), expected, ROW_TOL, MEAN_TOL)
 
 
-def test_proposition_3_2_output_variance_for_a_fixed_input():
+def test_proposition_3_2_output_variance_for_a_fixed_input(device):
     """Var_ε[((W+ε)x)_i] = σ²·‖W_i‖²·‖x‖²/n for a fixed x."""
     out, fan_in, sigma, draws = 32, 64, 0.1, 3000
     generator = _generator(16)
     W = (
         _randn(generator, out, fan_in, dtype=torch.float64)
         * torch.linspace(0.2, 3, out, dtype=torch.float64)[:, None]
-    )
-    x = _randn(generator, fan_in, dtype=torch.float64)
+    ).to(device)
+    x = _randn(generator, fan_in, dtype=torch.float64, device=device)
     std = noise_std(W, None, sigma)
-    noise_gen = torch.Generator()
+    noise_gen = _noise_generator(device)
     outputs = torch.stack(
         [
             perturbed_weight(W, std, generator=noise_gen, seed=derive_seed(4, k)) @ x
@@ -487,16 +503,16 @@ def test_proposition_3_2_output_variance_for_a_fixed_input():
 
 
 @pytest.mark.parametrize("fan_in", [8, 256])
-def test_proposition_3_2_output_variance_grows_by_one_plus_sigma_squared(fan_in):
+def test_proposition_3_2_output_variance_grows_by_one_plus_sigma_squared(fan_in, device):
     """Averaged over x ~ N(0, I): E‖(W+ε)x‖² = (1 + σ²)·E‖Wx‖², whatever n is."""
     out, sigma, draws = 32, 0.5, 2000
     generator = _generator(17 + fan_in)
-    W = _randn(generator, out, fan_in) * torch.linspace(0.2, 3, out)[:, None]
+    W = (_randn(generator, out, fan_in) * torch.linspace(0.2, 3, out)[:, None]).to(device)
     std = noise_std(W, None, sigma)
-    noise_gen = torch.Generator()
+    noise_gen = _noise_generator(device)
     noisy, clean = [], []
     for k in range(draws):
-        x = _randn(generator, fan_in)
+        x = _randn(generator, fan_in, device=device)
         Wp = perturbed_weight(W, std, generator=noise_gen, seed=derive_seed(5, k, 0, fan_in))
         noisy.append((Wp @ x).double().square().sum())
         clean.append((W @ x).double().square().sum())
@@ -508,18 +524,21 @@ def test_proposition_3_2_output_variance_grows_by_one_plus_sigma_squared(fan_in)
     assert abs(ratio - (1 + sigma**2)) <= Z * stderr, (ratio, stderr)
 
 
-def test_same_seed_gives_identical_noise():
-    W, B, A = _merged_case(32, 128, 2, seed=18)
+def test_same_seed_gives_identical_noise(device):
+    W, B, A = _merged_case(32, 128, 2, seed=18, device=device)
     std = noise_std(W, LowRank(B, A, 1.0), SIGMA)
     seed = derive_seed(9, 3, 0, 1)
-    first = draw_noise(W, std, generator=torch.Generator(), seed=seed)
-    again = draw_noise(W, std, generator=_generator(1234), seed=seed)  # state is reset by seed
+    first = draw_noise(W, std, generator=_noise_generator(device), seed=seed)
+    used = _noise_generator(device, 1234)
+    torch.empty(7, device=device).normal_(generator=used)  # a generator in some other state
+    again = draw_noise(W, std, generator=used, seed=seed)  # the state is reset by the seed
     assert torch.equal(first, again)
     assert torch.equal(
-        perturbed_weight(W, std, generator=torch.Generator(), seed=seed),
-        perturbed_weight(W, std, generator=torch.Generator(), seed=seed),
+        perturbed_weight(W, std, generator=_noise_generator(device), seed=seed),
+        perturbed_weight(W, std, generator=_noise_generator(device), seed=seed),
     )
-    assert not torch.equal(first, draw_noise(W, std, generator=torch.Generator(), seed=seed + 1))
+    other = draw_noise(W, std, generator=_noise_generator(device), seed=seed + 1)
+    assert not torch.equal(first, other)
 
 
 @pytest.mark.parametrize(
@@ -527,12 +546,13 @@ def test_same_seed_gives_identical_noise():
     [(1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1)],
     ids=["next-step", "next-draw", "next-target", "next-rank"],
 )
-def test_noise_of_other_steps_draws_targets_and_ranks_is_uncorrelated(other):
-    W = torch.ones(OUT, FAN_IN)  # unit std: ε is z itself
-    std = torch.ones(OUT)
+def test_noise_of_other_steps_draws_targets_and_ranks_is_uncorrelated(other, device):
+    W = torch.ones(OUT, FAN_IN, device=device)  # unit std: ε is z itself
+    std = torch.ones(OUT, device=device)
     seed = 2024
-    first = draw_noise(W, std, generator=torch.Generator(), seed=derive_seed(seed, 0, 0, 0, 0))
-    second = draw_noise(W, std, generator=torch.Generator(), seed=derive_seed(seed, *other))
+    generator = _noise_generator(device)
+    first = draw_noise(W, std, generator=generator, seed=derive_seed(seed, 0, 0, 0, 0))
+    second = draw_noise(W, std, generator=generator, seed=derive_seed(seed, *other))
     # Sample correlation of N = 262144 independent pairs: standard error 1/√N ≈ 0.002.
     correlation = torch.corrcoef(torch.stack([first.flatten(), second.flatten()]).double())[0, 1]
     assert abs(correlation) <= Z / math.sqrt(first.numel())
@@ -547,10 +567,10 @@ E2E_ROW_TOL = Z / math.sqrt(2 * E2E_IN)
 E2E_MEAN_TOL = Z / math.sqrt(2 * E2E_IN * E2E_OUT)
 
 
-def _lora_model(seed: int = 21, dtype: torch.dtype = torch.float32) -> nn.Sequential:
+def _lora_model(seed: int = 21, dtype: torch.dtype = torch.float32, device="cpu") -> nn.Sequential:
     """One LoRALinear (bias-free base, scaling 1) whose B is nonzero, so that W' ≠ W."""
-    W, B, A = _merged_case(E2E_OUT, E2E_IN, RANK, seed=seed, dtype=dtype)
-    base = nn.Linear(E2E_IN, E2E_OUT, bias=False, dtype=dtype)
+    W, B, A = _merged_case(E2E_OUT, E2E_IN, RANK, seed=seed, dtype=dtype, device=device)
+    base = nn.Linear(E2E_IN, E2E_OUT, bias=False, dtype=dtype, device=device)
     model = add_lora(nn.Sequential(base), ["0"], rank=RANK, alpha=RANK)
     layer = model[0]
     with torch.no_grad():
@@ -573,7 +593,7 @@ def _read_noise(opt: FlatPerturb, model: nn.Module) -> Tensor:
     (up to the rounding of W + ε, ≲ 1e-7 relative).
     """
     module = model[0].base
-    eye = torch.eye(module.weight.shape[1], dtype=module.weight.dtype)
+    eye = torch.eye(module.weight.shape[1], dtype=module.weight.dtype, device=module.weight.device)
     outputs = []
     handle = module.register_forward_hook(lambda mod, args, out: outputs.append(out.clone()))
     try:
@@ -596,8 +616,8 @@ def _merged_std(model: nn.Module, sigma: float) -> Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_wrapper_noise_row_std_follows_the_merged_weight(dtype):
-    model = _lora_model(dtype=dtype)
+def test_wrapper_noise_row_std_follows_the_merged_weight(dtype, device):
+    model = _lora_model(dtype=dtype, device=device)
     opt = _wrap(model, sigma=0.1)
     eps = _read_noise(opt, model)
 
@@ -613,25 +633,25 @@ def test_wrapper_noise_row_std_follows_the_merged_weight(dtype):
     assert abs((z - z.mean()).pow(4).mean() / z.var() ** 2 - 3) <= Z * math.sqrt(24 / z.numel())
 
 
-def test_wrapper_noise_is_the_pure_law_of_seed_step_and_target():
+def test_wrapper_noise_is_the_pure_law_of_seed_step_and_target(device):
     """The production path regenerates exactly the reference ε = draw_noise(W, std, seed)."""
-    model = _lora_model()
+    model = _lora_model(device=device)
     opt = _wrap(model, sigma=0.1, seed=31)
     eps = _read_noise(opt, model)
 
     layer = model[0]
     std = noise_std(layer.base.weight, layer.low_rank(), 0.1)
     reference = draw_noise(
-        layer.base.weight, std, generator=torch.Generator(), seed=derive_seed(31, 0, 0, 0, 0)
+        layer.base.weight, std, generator=_noise_generator(device), seed=derive_seed(31, 0, 0, 0, 0)
     )
     # ε read back as fl(W + ε) − W: off by at most ulp(|W| + |ε|) ≈ 1e-7·4.
     torch.testing.assert_close(eps, reference.double(), rtol=0, atol=1e-6)
 
 
-def test_cosine_schedule_leaves_step_zero_unperturbed():
-    model = _lora_model()
+def test_cosine_schedule_leaves_step_zero_unperturbed(device):
+    model = _lora_model(device=device)
     opt = _wrap(model, schedule="cosine", total_steps=10)
-    x = _randn(_generator(22), 8, E2E_IN)
+    x = _randn(_generator(22), 8, E2E_IN, device=device)
     with torch.no_grad():
         clean = model(x)
         assert opt.sigma == 0.0
@@ -654,8 +674,8 @@ def test_cosine_schedule_leaves_step_zero_unperturbed():
     ],
     ids=["cosine", "linear", "constant", "callable"],
 )
-def test_sigma_and_the_noise_follow_the_schedule(schedule, factor):
-    model = _lora_model()
+def test_sigma_and_the_noise_follow_the_schedule(schedule, factor, device):
+    model = _lora_model(device=device)
     total, sigma = 4, 0.2
     opt = _wrap(model, schedule=schedule, total_steps=total, sigma=sigma)
     for t in range(total + 3):
@@ -667,8 +687,8 @@ def test_sigma_and_the_noise_follow_the_schedule(schedule, factor):
         opt.step()  # no gradients: the weights stay, only the schedule advances
 
 
-def test_resample_step_reuses_the_noise_until_step():
-    model = _lora_model()
+def test_resample_step_reuses_the_noise_until_step(device):
+    model = _lora_model(device=device)
     opt = _wrap(model, resample="step")
     first, second = _read_noise(opt, model), _read_noise(opt, model)
     assert torch.equal(first, second)
@@ -676,8 +696,8 @@ def test_resample_step_reuses_the_noise_until_step():
     assert not torch.equal(first, _read_noise(opt, model))
 
 
-def test_resample_call_draws_fresh_noise_at_every_perturb():
-    model = _lora_model()
+def test_resample_call_draws_fresh_noise_at_every_perturb(device):
+    model = _lora_model(device=device)
     opt = _wrap(model, resample="call")
     first, second = _read_noise(opt, model), _read_noise(opt, model)
     assert not torch.equal(first, second)
@@ -687,12 +707,20 @@ def test_resample_call_draws_fresh_noise_at_every_perturb():
     _assert_row_std(second, _merged_std(model, 0.1), E2E_ROW_TOL, E2E_MEAN_TOL)
 
 
+def _global_rng_states(device: str) -> list[Tensor]:
+    """torch's default generators: the CPU one, and the current CUDA device's on CUDA."""
+    states = [torch.get_rng_state()]
+    if device == "cuda":
+        states.append(torch.cuda.get_rng_state())
+    return states
+
+
 @pytest.mark.parametrize("seed", [None, 5], ids=["seed-None", "seed-5"])
-def test_global_rng_is_untouched_after_construction(seed):
-    model = _lora_model()
-    x = _randn(_generator(23), 8, E2E_IN)
+def test_global_rng_is_untouched_after_construction(seed, device):
+    model = _lora_model(device=device)
+    x = _randn(_generator(23), 8, E2E_IN, device=device)
     opt = _wrap(model, schedule="linear", total_steps=3, seed=seed, resample="call")
-    state = torch.get_rng_state()
+    states = _global_rng_states(device)
     for _ in range(2):
         opt.perturb()
         model(x).square().mean().backward()
@@ -703,11 +731,11 @@ def test_global_rng_is_untouched_after_construction(seed):
         opt.zero_grad()
     opt.step(lambda: model(x).square().mean().backward())
     assert opt.num_steps == 3 and opt.sigma > 0
-    assert torch.equal(torch.get_rng_state(), state)
+    assert all(map(torch.equal, _global_rng_states(device), states))
 
 
-def test_a_fixed_seed_reproduces_the_noise_in_a_fresh_wrapper():
-    model = _lora_model()
+def test_a_fixed_seed_reproduces_the_noise_in_a_fresh_wrapper(device):
+    model = _lora_model(device=device)
     first, again, other = (_wrap(model, seed=s) for s in (123, 123, 124))
     eps = _read_noise(first, model)
     assert torch.equal(eps, _read_noise(again, model))
@@ -716,13 +744,13 @@ def test_a_fixed_seed_reproduces_the_noise_in_a_fresh_wrapper():
     again.step()
     assert torch.equal(_read_noise(first, model), _read_noise(again, model))
     # A freshly built model with the same weights reproduces it too.
-    fresh = _lora_model()
+    fresh = _lora_model(device=device)
     assert torch.equal(eps, _read_noise(_wrap(fresh, seed=123), fresh))
 
 
 @pytest.mark.parametrize("rank_noise", [True, False])
-def test_rank_noise_decides_whether_ranks_draw_their_own_noise(rank_noise, monkeypatch):
-    model = _lora_model()
+def test_rank_noise_decides_whether_ranks_draw_their_own_noise(rank_noise, monkeypatch, device):
+    model = _lora_model(device=device)
     opt = _wrap(model, rank_noise=rank_noise)
     on_rank_0 = _read_noise(opt, model)
     monkeypatch.setattr(flatopt.perturb, "_rank", lambda: 1)
@@ -743,8 +771,8 @@ class _StoredTransposed(nn.Module):
         return x @ self.weight + x @ self.A.t() @ self.B.t()
 
 
-def test_wrapper_scales_the_logical_rows_of_transposed_and_conv_weights():
-    W, B, A = _merged_case(E2E_OUT, E2E_IN, RANK, seed=24)
+def test_wrapper_scales_the_logical_rows_of_transposed_and_conv_weights(device):
+    W, B, A = _merged_case(E2E_OUT, E2E_IN, RANK, seed=24, device=device)
     stored = _StoredTransposed(W, B, A)
     conv = nn.Conv2d(32, E2E_OUT, 4, bias=False)  # n = 32·4·4 = 512
     with torch.no_grad():
@@ -752,7 +780,7 @@ def test_wrapper_scales_the_logical_rows_of_transposed_and_conv_weights():
             _randn(_generator(25), E2E_OUT, 32, 4, 4)
             * torch.linspace(0.5, 4, E2E_OUT)[:, None, None, None]
         )
-    model = nn.ModuleDict({"stored": stored, "conv": conv})
+    model = nn.ModuleDict({"stored": stored, "conv": conv}).to(device)
 
     def adapter(module):
         if module is stored:
@@ -763,7 +791,7 @@ def test_wrapper_scales_the_logical_rows_of_transposed_and_conv_weights():
 
     opt = _wrap(model, adapters=[adapter], sigma=0.1)
     assert opt.targets == [("stored", (E2E_OUT, E2E_IN)), ("conv", (E2E_OUT, E2E_IN))]
-    eye = torch.eye(E2E_IN)
+    eye = torch.eye(E2E_IN, device=device)
     with torch.no_grad():
         clean = (stored(eye), conv(eye.view(E2E_IN, 32, 4, 4)))
         with opt.perturbed():

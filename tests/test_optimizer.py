@@ -11,8 +11,8 @@ from torch import nn
 import flatopt
 
 
-def _setup(seed=0, sigma=0.1, inner="adamw", **kwargs):
-    model, x, _ = build("lora", torch.float32, 8, 6, 2, seed=seed)
+def _setup(seed=0, sigma=0.1, inner="adamw", device="cpu", **kwargs):
+    model, x, _ = build("lora", torch.float32, 8, 6, 2, seed=seed, device=device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if inner == "adamw":
         opt = torch.optim.AdamW(trainable, lr=1e-2)
@@ -68,18 +68,18 @@ def test_an_lr_scheduler_on_the_wrapper_drives_the_inner_lr():
     assert inner.param_groups[0]["lr"] == pytest.approx(2.5e-3)
 
 
-def test_sigma_zero_is_exactly_the_bare_optimizer():
-    model_a, x, _, opt = _setup(sigma=0.0, schedule="constant")
-    model_b, _, inner_b, _ = _setup(sigma=0.0, schedule="constant")
+def test_sigma_zero_is_exactly_the_bare_optimizer(device):
+    model_a, x, _, opt = _setup(sigma=0.0, schedule="constant", device=device)
+    model_b, _, inner_b, _ = _setup(sigma=0.0, schedule="constant", device=device)
     _train(model_a, x, opt, 4)
     _train(model_b, x, inner_b, 4, perturb=False)
     for a, b in zip(model_a.parameters(), model_b.parameters()):
         assert bits_equal(a.detach(), b.detach())
 
 
-def test_the_first_cosine_step_is_the_bare_optimizer_and_later_ones_are_not():
-    model_a, x, _, opt = _setup(schedule="cosine", total_steps=10)
-    model_b, _, inner_b, _ = _setup()
+def test_the_first_cosine_step_is_the_bare_optimizer_and_later_ones_are_not(device):
+    model_a, x, _, opt = _setup(schedule="cosine", total_steps=10, device=device)
+    model_b, _, inner_b, _ = _setup(device=device)
     _train(model_a, x, opt, 1)
     _train(model_b, x, inner_b, 1, perturb=False)
     assert all(
@@ -91,10 +91,10 @@ def test_the_first_cosine_step_is_the_bare_optimizer_and_later_ones_are_not():
     assert not all(torch.equal(a, b) for a, b in zip(model_a.parameters(), model_b.parameters()))
 
 
-def test_the_same_seed_gives_the_same_run_and_another_seed_another():
+def test_the_same_seed_gives_the_same_run_and_another_seed_another(device):
     runs = []
     for noise_seed in (7, 7, 8):
-        model, x, _, opt = _setup(noise_seed=noise_seed)
+        model, x, _, opt = _setup(noise_seed=noise_seed, device=device)
         runs.append((_train(model, x, opt, 4), _params(model)))
     assert runs[0][0] == runs[1][0]
     assert all(bits_equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
@@ -102,14 +102,16 @@ def test_the_same_seed_gives_the_same_run_and_another_seed_another():
 
 
 @pytest.mark.parametrize("inner", ["adamw", "sgd"])
-def test_resume_from_state_dict_continues_bit_identically(inner):
-    model, x, _, opt = _setup(inner=inner)
+def test_resume_from_state_dict_continues_bit_identically(inner, device):
+    model, x, _, opt = _setup(inner=inner, device=device)
     _train(model, x, opt, 2)
     model_state = copy.deepcopy(model.state_dict())
     opt_state = copy.deepcopy(opt.state_dict())
     losses = _train(model, x, opt, 3)
     # Fresh objects, a different seed argument: the checkpoint must win.
-    model2, _, _, opt2 = _setup(inner=inner, noise_seed=123, total_steps=99, sigma=0.5)
+    model2, _, _, opt2 = _setup(
+        inner=inner, noise_seed=123, total_steps=99, sigma=0.5, device=device
+    )
     model2.load_state_dict(model_state)
     opt2.load_state_dict(opt_state)
     assert opt2.num_steps == 2 and opt2.seed == opt.seed
@@ -136,9 +138,9 @@ def test_a_callable_schedule_needs_a_callable_to_resume():
         plain.load_state_dict(state)
 
 
-def test_closure_step_equals_the_manual_loop():
-    model_a, x, _, opt_a = _setup()
-    model_b, _, _, opt_b = _setup()
+def test_closure_step_equals_the_manual_loop(device):
+    model_a, x, _, opt_a = _setup(device=device)
+    model_b, _, _, opt_b = _setup(device=device)
     manual = _train(model_a, x, opt_a, 3)
     closure_losses = []
     for _ in range(3):
@@ -155,21 +157,21 @@ def test_closure_step_equals_the_manual_loop():
     assert all(bits_equal(a, b) for a, b in zip(_params(model_a), _params(model_b)))
 
 
-def test_a_step_without_gradients_changes_nothing():
-    model, _, _, opt = _setup()
+def test_a_step_without_gradients_changes_nothing(device):
+    model, _, _, opt = _setup(device=device)
     before = _params(model)
     opt.step()
     assert all(bits_equal(a, b) for a, b in zip(before, _params(model)))
     assert opt.num_steps == 1
 
 
-def test_frozen_and_gradless_parameters_are_left_alone():
-    model, x, inner, opt = _setup(inner="sgd")
-    extra = nn.Parameter(torch.ones(3))
+def test_frozen_and_gradless_parameters_are_left_alone(device):
+    model, x, inner, opt = _setup(inner="sgd", device=device)
+    extra = nn.Parameter(torch.ones(3, device=device))
     opt.add_param_group({"params": [extra], "lr": 0.1})
     assert inner.param_groups[-1]["params"][0] is extra
     _train(model, x, opt, 2)
-    assert torch.equal(extra, torch.ones(3))
+    assert torch.equal(extra, torch.ones(3, device=device))
 
 
 def test_read_only_views_and_repr():
@@ -214,18 +216,27 @@ def test_state_dict_holds_the_noise_settings():
     }
 
 
-def test_seed_none_draws_once_from_the_default_generator():
-    model, x, _ = build("lora", torch.float32, 4, 4, 2, seed=0)
+def _global_rng_states(device):
+    """torch's default generators: the CPU one, and the current CUDA device's on CUDA."""
+    states = [torch.get_rng_state()]
+    if device == "cuda":
+        states.append(torch.cuda.get_rng_state())
+    return states
+
+
+def test_seed_none_draws_once_from_the_default_generator(device):
+    model, x, _ = build("lora", torch.float32, 4, 4, 2, seed=0, device=device)
     inner = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     torch.manual_seed(0)
     first = flatopt.FlatPerturb(inner, model, total_steps=3).seed
     torch.manual_seed(0)
     assert flatopt.FlatPerturb(inner, model, total_steps=3).seed == first
-    state = torch.get_rng_state()
+    states = _global_rng_states(device)
     opt = flatopt.FlatPerturb(inner, model, total_steps=3, seed=5)
-    assert torch.equal(state, torch.get_rng_state())  # an explicit seed reads nothing
+    # An explicit seed reads nothing, and training never touches the global generators.
+    assert all(map(torch.equal, states, _global_rng_states(device)))
     _train(model, x, opt, 3)
-    assert torch.equal(state, torch.get_rng_state())
+    assert all(map(torch.equal, states, _global_rng_states(device)))
 
 
 def _model():
@@ -338,12 +349,12 @@ def test_register_adapter_is_global_and_validated():
         flatopt.register_adapter("peft")
 
 
-def test_a_weight_read_by_two_modules_gets_one_noise_in_both():
+def test_a_weight_read_by_two_modules_gets_one_noise_in_both(device):
     torch.manual_seed(0)
     first = nn.Linear(6, 6)
     second = nn.Linear(6, 6)
     second.weight = first.weight  # tied
-    model = nn.Sequential(first, second)
+    model = nn.Sequential(first, second).to(device)
     seen = {}  # hooks registered before FlatPerturb's run while W + ε is swapped in
     for name, layer in (("first", first), ("second", second)):
         layer.register_forward_hook(lambda m, a, o, name=name: seen.update({name: m.weight + 0}))
@@ -356,13 +367,13 @@ def test_a_weight_read_by_two_modules_gets_one_noise_in_both():
     )
     assert opt.targets == [("0", (6, 6))]
     with opt.perturbed():
-        model(torch.randn(2, 6)).sum().backward()
+        model(torch.randn(2, 6, device=device)).sum().backward()
     assert not torch.equal(seen["first"], first.weight)
     assert bits_equal(seen["first"], seen["second"])
 
 
-def test_a_perturbation_that_no_layer_saw_warns_and_one_that_did_does_not(recwarn):
-    model, x, _, opt = _setup(schedule="constant")
+def test_a_perturbation_that_no_layer_saw_warns_and_one_that_did_does_not(recwarn, device):
+    model, x, _, opt = _setup(schedule="constant", device=device)
     with pytest.warns(UserWarning, match=r"No target layer ran.*module\(x\)"), opt.perturbed():
         pass
     with opt.perturbed():
@@ -370,8 +381,8 @@ def test_a_perturbation_that_no_layer_saw_warns_and_one_that_did_does_not(recwar
     assert not [w for w in recwarn if "No target layer ran" in str(w.message)]
 
 
-def test_two_adapters_claiming_one_weight_on_one_module_count_once():
-    model, x, _ = build("lora", torch.float32, 6, 5, 2, seed=0)
+def test_two_adapters_claiming_one_weight_on_one_module_count_once(device):
+    model, x, _ = build("lora", torch.float32, 6, 5, 2, seed=0, device=device)
     claim_base = [lambda m: flatopt.Target(m, "weight") if m is model[0].base else None]
     opt = flatopt.FlatPerturb(
         _inner(model), model, schedule="constant", seed=0, adapters=claim_base
@@ -381,7 +392,7 @@ def test_two_adapters_claiming_one_weight_on_one_module_count_once():
         model(x).sum().backward()
 
 
-def test_a_dotted_param_name_reaches_a_child_weight_read_by_its_parent():
+def test_a_dotted_param_name_reaches_a_child_weight_read_by_its_parent(device):
     class Reader(nn.Module):  # computes with its child's weight without calling the child
         def __init__(self):
             super().__init__()
@@ -390,8 +401,8 @@ def test_a_dotted_param_name_reaches_a_child_weight_read_by_its_parent():
         def forward(self, x):
             return torch.nn.functional.conv1d(x, self.conv.weight, self.conv.bias)
 
-    reader = Reader()
-    x = torch.randn(2, 3, 5)
+    reader = Reader().to(device)
+    x = torch.randn(2, 3, 5, device=device)
     clean = reader(x)
     opt = flatopt.FlatPerturb(
         torch.optim.SGD(reader.parameters(), lr=0.1),

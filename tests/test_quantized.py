@@ -13,6 +13,10 @@ from torch import nn
 import flatopt
 from flatopt.noise import LowRank, derive_seed, draw_noise, noise_std
 
+pytestmark = pytest.mark.cpu_only(
+    reason="torch's per-channel int8 tensors (quantize_per_channel) are CPU tensors"
+)
+
 
 def _quantize(weight):
     scales = weight.abs().amax(dim=tuple(range(1, weight.ndim))).double() / 127

@@ -20,8 +20,8 @@ TOLERANCE = {
 }
 
 
-def _run_both(kind, dtype, out, fan_in, rank, sigma, seed, steps=1):
-    model, x, adapters = build(kind, dtype, out, fan_in, rank, seed)
+def _run_both(kind, dtype, out, fan_in, rank, sigma, seed, steps=1, device="cpu"):
+    model, x, adapters = build(kind, dtype, out, fan_in, rank, seed, device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = flatopt.FlatPerturb(
         torch.optim.SGD(trainable, lr=0.05),
@@ -59,10 +59,10 @@ def _run_both(kind, dtype, out, fan_in, rank, sigma, seed, steps=1):
     steps=st.integers(1, 3),
 )
 def test_outputs_and_lora_gradients_match_the_explicit_reference(
-    kind, dtype, out, fan_in, rank, sigma, seed, steps
+    kind, dtype, out, fan_in, rank, sigma, seed, steps, device
 ):
     fast, slow, fast_grads, slow_grads, _ = _run_both(
-        kind, dtype, out, fan_in, rank, sigma, seed, steps
+        kind, dtype, out, fan_in, rank, sigma, seed, steps, device
     )
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(fast, slow, **tol)
@@ -71,17 +71,19 @@ def test_outputs_and_lora_gradients_match_the_explicit_reference(
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_the_perturbation_is_real(kind):
-    fast, slow, _, _, clean = _run_both(kind, torch.float32, 8, 8, 2, sigma=0.2, seed=1, steps=2)
+def test_the_perturbation_is_real(kind, device):
+    fast, slow, _, _, clean = _run_both(
+        kind, torch.float32, 8, 8, 2, sigma=0.2, seed=1, steps=2, device=device
+    )
     assert not torch.allclose(fast, clean, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(fast, slow, **TOLERANCE[torch.float32])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_trainable_dense_target_gets_the_gradient_at_w_plus_eps(dtype):
+def test_trainable_dense_target_gets_the_gradient_at_w_plus_eps(dtype, device):
     torch.manual_seed(0)
-    head = nn.Linear(6, 3).to(dtype)
-    x = torch.randn(5, 6, dtype=dtype, requires_grad=True)
+    head = nn.Linear(6, 3).to(device, dtype)
+    x = torch.randn(5, 6, dtype=dtype).to(device).requires_grad_()
     opt = flatopt.FlatPerturb(
         torch.optim.SGD(head.parameters(), lr=0.1),
         head,

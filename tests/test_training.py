@@ -1,6 +1,7 @@
 """FlatPerturb inside real training loops: gradient accumulation, autocast and GradScaler, mixed
 dtypes, activation checkpointing, LR schedulers, framework-style wrappers, failures mid-step and
-long runs. Every test runs the real torch machinery on CPU; DDP is in test_ddp.py."""
+long runs. Every test runs the real torch machinery on each device of the ``device`` fixture
+(autocast and GradScaler on that device); DDP is in test_ddp.py."""
 
 import copy
 import math
@@ -43,15 +44,16 @@ def _top_hooks():
     return torch._C._autograd._top_saved_tensors_default_hooks(False)
 
 
-def _model(dtype=torch.float32, seed=0, out=8, fan_in=6):
+def _model(dtype=torch.float32, seed=0, out=8, fan_in=6, device="cpu"):
     """``LoRALinear(fan_in, out) -> Tanh -> LoRALinear(out, 3)``, all drawn from ``seed``."""
-    return build("lora", dtype, out, fan_in, 2, seed)[0]
+    return build("lora", dtype, out, fan_in, 2, seed, device)[0]
 
 
-def _batch(rows, fan_in=6, seed=1, dtype=torch.float32):
+def _batch(rows, fan_in=6, seed=1, dtype=torch.float32, device="cpu"):
+    """Inputs and targets drawn on the CPU from ``seed``, moved to ``device``."""
     g = torch.Generator().manual_seed(seed)
     x, y = torch.randn(rows, fan_in, generator=g), torch.randn(rows, 3, generator=g)
-    return x.to(dtype), y.to(dtype)
+    return x.to(device, dtype), y.to(device, dtype)
 
 
 def _trainable(model):
@@ -99,11 +101,11 @@ def _cosine(step, total):
 
 
 @pytest.mark.parametrize("resample", ["step", "call"])
-def test_micro_batches_of_one_step_share_the_noise_only_under_step_resampling(resample):
-    model = _model()
+def test_micro_batches_of_one_step_share_the_noise_only_under_step_resampling(resample, device):
+    model = _model(device=device)
     opt = _wrap(model, resample=resample)
     seen = _record(model[0].base)
-    x, y = _batch(12)
+    x, y = _batch(12, device=device)
     for _ in range(2):  # two optimizer steps of three micro-batches each
         for xb, yb in zip(x.split(4), y.split(4)):
             with opt.perturbed():
@@ -119,11 +121,13 @@ def test_micro_batches_of_one_step_share_the_noise_only_under_step_resampling(re
 
 
 @pytest.mark.parametrize("micro", [2, 4])
-def test_k_micro_batches_accumulate_the_gradient_of_one_batch_of_k_b_at_the_same_noise(micro):
-    x, y = _batch(3 * micro)
+def test_k_micro_batches_accumulate_the_gradient_of_one_batch_of_k_b_at_the_same_noise(
+    micro, device
+):
+    x, y = _batch(3 * micro, device=device)
     grads = {}
     for mode in ("one batch", "step", "call"):
-        model = _model()
+        model = _model(device=device)
         opt = _wrap(model, resample="call" if mode == "call" else "step")
         if mode == "one batch":
             with opt.perturbed():
@@ -144,17 +148,17 @@ def test_k_micro_batches_accumulate_the_gradient_of_one_batch_of_k_b_at_the_same
 
 
 @pytest.mark.parametrize("resample", ["step", "call"])
-def test_the_schedule_and_the_noise_count_optimizer_steps_not_micro_batches(resample):
+def test_the_schedule_and_the_noise_count_optimizer_steps_not_micro_batches(resample, device):
     sigma, total, steps = 0.2, 4, 6
     runs = {}
     for micro in (1, 3):
-        model = _model()
+        model = _model(device=device)
         # lr=0 keeps the LoRA factors, so ε depends only on (seed, step, draw).
         opt = _wrap(
             model, lr=0.0, sigma=sigma, schedule="cosine", total_steps=total, resample=resample
         )
         seen = _record(model[0].base)
-        x, y = _batch(6)
+        x, y = _batch(6, device=device)
         sigmas = []
         for _ in range(steps):
             sigmas.append(opt.sigma)
@@ -183,10 +187,12 @@ DTYPE_MIXES = [
 
 
 @pytest.mark.parametrize(("base_dtype", "lora_dtype"), DTYPE_MIXES)
-def test_a_bf16_autocast_step_matches_the_reference_for_every_dtype_mix(base_dtype, lora_dtype):
-    model = _model(out=16, fan_in=12)
+def test_a_bf16_autocast_step_matches_the_reference_for_every_dtype_mix(
+    base_dtype, lora_dtype, device
+):
+    model = _model(out=16, fan_in=12, device=device)
     model.append(nn.Linear(3, 2))  # a new, fully trained head, added as a dense target
-    model.to(base_dtype)
+    model.to(device, base_dtype)
     for m in model.modules():
         if isinstance(m, LoRALinear):
             m.lora_A = nn.Parameter(m.lora_A.detach().to(lora_dtype))
@@ -194,20 +200,20 @@ def test_a_bf16_autocast_step_matches_the_reference_for_every_dtype_mix(base_dty
     head = model[3]
     opt = _wrap(model, adapters=[flatopt.dense(head)], sigma=0.2)
     seen = _record(model[0].base)
-    x, y = _batch(8, fan_in=12)
+    x, y = _batch(8, fan_in=12, device=device)
     start = snapshot(model)
     frozen = frozen_names(model)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         clean = model(x)
     with opt.perturbed():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             fast = model(x)
         F.mse_loss(fast.float(), y[:, :2]).backward()
     assert_untouched(model, start)
     fast_grads = _grads(opt)
     opt.zero_grad()
     replaced = reference_weights(opt, model)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         slow = reference_forward(model, replaced, x)
     F.mse_loss(slow.float(), y[:, :2]).backward()
     slow_grads = _grads(opt)
@@ -230,7 +236,7 @@ def test_a_bf16_autocast_step_matches_the_reference_for_every_dtype_mix(base_dty
 def _amp_step(model, opt, scaler, x, y):
     """One fp16 GradScaler step, the documented way: backward inside, scaler.step outside."""
     with opt.perturbed():
-        with torch.autocast("cpu", dtype=torch.float16):
+        with torch.autocast(x.device.type, dtype=torch.float16):
             loss = F.mse_loss(model(x).float(), y)
         scaler.scale(loss).backward()
     scaler.step(opt)
@@ -240,16 +246,16 @@ def _amp_step(model, opt, scaler, x, y):
 
 
 @needs_cpu_scaler
-def test_grad_scaler_unscales_through_the_wrapper_and_gives_the_plain_gradients():
-    scaled_model, plain_model = _model(), _model()
+def test_grad_scaler_unscales_through_the_wrapper_and_gives_the_plain_gradients(device):
+    scaled_model, plain_model = _model(device=device), _model(device=device)
     scaled = _wrap(scaled_model, inner="adamw", lr=1e-2)
     plain = _wrap(plain_model, inner="adamw", lr=1e-2)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**12, growth_interval=2)
     start = snapshot(scaled_model)
-    x, y = _batch(8)
+    x, y = _batch(8, device=device)
     for _ in range(5):
         with scaled.perturbed():
-            with torch.autocast("cpu", dtype=torch.float16):
+            with torch.autocast(device, dtype=torch.float16):
                 loss = F.mse_loss(scaled_model(x).float(), y)
             scaler.scale(loss).backward()
         scaler.unscale_(scaled)  # unscales the inner optimizer's gradients, via param_groups
@@ -258,7 +264,7 @@ def test_grad_scaler_unscales_through_the_wrapper_and_gives_the_plain_gradients(
         scaler.update()
         scaled.zero_grad()
         with plain.perturbed():
-            with torch.autocast("cpu", dtype=torch.float16):
+            with torch.autocast(device, dtype=torch.float16):
                 plain_loss = F.mse_loss(plain_model(x).float(), y)
             plain_loss.backward()
         for got, want in zip(unscaled, _grads(plain)):
@@ -276,13 +282,13 @@ def test_grad_scaler_unscales_through_the_wrapper_and_gives_the_plain_gradients(
 
 @needs_cpu_scaler
 @pytest.mark.parametrize("poison", [float("inf"), float("nan")])
-def test_a_step_the_grad_scaler_skips_does_not_advance_and_leaves_nothing_perturbed(poison):
-    batches = [_batch(4, seed=s) for s in range(5)]
+def test_a_step_the_grad_scaler_skips_does_not_advance_and_leaves_nothing_perturbed(poison, device):
+    batches = [_batch(4, seed=s, device=device) for s in range(5)]
     runs = {}
     for poisoned in (False, True):
-        model = _model()
+        model = _model(device=device)
         opt = _wrap(model, inner="adamw", lr=1e-2, schedule="linear", total_steps=4)
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=10**6)
+        scaler = torch.amp.GradScaler(device, init_scale=2.0**8, growth_interval=10**6)
         seen = _record(model[0].base)
         start = snapshot(model)
         for index, (x, y) in enumerate(batches):
@@ -315,7 +321,7 @@ def test_a_step_the_grad_scaler_skips_does_not_advance_and_leaves_nothing_pertur
 
 
 class CheckpointedMLP(nn.Module):
-    def __init__(self, mode):
+    def __init__(self, mode, device="cpu"):
         super().__init__()
         g = torch.Generator().manual_seed(0)
         self.mode = mode
@@ -331,6 +337,7 @@ class CheckpointedMLP(nn.Module):
                 if isinstance(m, LoRALinear):
                     m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g) * 0.3)
                     m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.3)
+        self.to(device)
 
     def forward(self, x):
         h = self.stem(x)
@@ -343,17 +350,17 @@ class CheckpointedMLP(nn.Module):
 
 @pytest.mark.parametrize("amp", [False, True])
 @pytest.mark.parametrize("mode", ["reentrant", "non_reentrant"])
-def test_a_recomputed_forward_sees_the_noise_of_its_own_perturb_call(mode, amp):
-    x, y = _batch(8)
+def test_a_recomputed_forward_sees_the_noise_of_its_own_perturb_call(mode, amp, device):
+    x, y = _batch(8, device=device)
     results = {}
     for run_mode in (None, mode):
-        model = CheckpointedMLP(run_mode)
+        model = CheckpointedMLP(run_mode, device=device)
         opt = _wrap(model, resample="call", sigma=0.3)  # a fresh ε at every perturb()
         seen = _record(model.block[0].base)
         start = snapshot(model)
         for xb, yb in zip(x.split(4), y.split(4)):  # two micro-batches, accumulated
             with opt.perturbed():
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
                     out = model(xb)
                 F.mse_loss(out.float(), yb).backward()
         assert_untouched(model, start)
@@ -389,13 +396,13 @@ def _hyperparameters(optimizer):
 
 
 @pytest.mark.parametrize("name", SCHEDULERS)
-def test_lr_schedulers_on_the_wrapper_drive_the_inner_optimizer(name):
-    flat_model, bare_model = _model(), _model()
+def test_lr_schedulers_on_the_wrapper_drive_the_inner_optimizer(name, device):
+    flat_model, bare_model = _model(device=device), _model(device=device)
     opt = _wrap(flat_model, inner="adamw", lr=0.01, sigma=0.1, schedule="cosine", total_steps=8)
     bare = torch.optim.AdamW(_trainable(bare_model), lr=0.01)
     flat_scheduler, bare_scheduler = SCHEDULERS[name](opt), SCHEDULERS[name](bare)
     plateau = [1.0, 0.9] + [0.95] * 6  # improves once, then stalls
-    x, y = _batch(8)
+    x, y = _batch(8, device=device)
     flat_history, bare_history = [], []
     with warnings.catch_warnings():
         # The scheduler must see the wrapper's step() as the optimizer's step().
@@ -421,13 +428,13 @@ def test_lr_schedulers_on_the_wrapper_drive_the_inner_optimizer(name):
     assert opt.num_steps == 8
 
 
-def test_frozen_and_gradless_parameters_handed_to_the_optimizer_are_never_written():
-    model = _model()
+def test_frozen_and_gradless_parameters_handed_to_the_optimizer_are_never_written(device):
+    model = _model(device=device)
     # Every parameter, frozen ones included, and weight decay that would move any it touched.
     inner = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     opt = flatopt.FlatPerturb(inner, model, sigma=0.2, schedule="constant", seed=0)
     start = snapshot(model)
-    x, _ = _batch(4)
+    x, _ = _batch(4, device=device)
     second = [model[2].lora_A, model[2].lora_B]
     for step in range(4):
         before = [p.detach().clone() for p in second]
@@ -466,8 +473,8 @@ class LightningStyleOptimizer:
         return getattr(self._optimizer, item)
 
 
-def test_a_lightning_style_wrapper_accepts_it_and_its_closure_runs_perturbed():
-    model, twin = _model(), _model()
+def test_a_lightning_style_wrapper_accepts_it_and_its_closure_runs_perturbed(device):
+    model, twin = _model(device=device), _model(device=device)
     opt, twin_opt = _wrap(model, inner="adamw", lr=1e-2), _wrap(twin, inner="adamw", lr=1e-2)
     wrapped = LightningStyleOptimizer(opt)
     assert isinstance(opt, torch.optim.Optimizer)
@@ -477,7 +484,7 @@ def test_a_lightning_style_wrapper_accepts_it_and_its_closure_runs_perturbed():
     twin_scheduler = lr_scheduler.StepLR(twin_opt, step_size=1, gamma=0.5)
     calls = []
     opt.register_step_post_hook(lambda optimizer, args, kwargs: calls.append(optimizer))
-    x, y = _batch(4)
+    x, y = _batch(4, device=device)
     armed = []
 
     def closure():  # what Lightning's automatic optimization hands to step()
@@ -506,9 +513,9 @@ def test_a_lightning_style_wrapper_accepts_it_and_its_closure_runs_perturbed():
     assert_untouched(model, start, frozen_names(model))
 
 
-def test_a_bare_optimizer_checkpoint_restores_its_state_and_the_noise_starts_at_the_resume():
-    x, y = _batch(8)
-    model = _model()
+def test_a_bare_optimizer_checkpoint_restores_its_state_and_the_noise_starts_at_the_resume(device):
+    x, y = _batch(8, device=device)
+    model = _model(device=device)
     bare = torch.optim.AdamW(_trainable(model), lr=1e-2)
     for _ in range(3):  # plain LoRA, no flatopt
         F.mse_loss(model(x), y).backward()
@@ -522,7 +529,7 @@ def test_a_bare_optimizer_checkpoint_restores_its_state_and_the_noise_starts_at_
 
     results = {}
     for load in (True, False):
-        resumed = _model(seed=9)
+        resumed = _model(seed=9, device=device)
         resumed.load_state_dict(model_state)
         opt = _wrap(resumed, inner="adamw", lr=1e-2, sigma=0.1, schedule="cosine", total_steps=10)
         if load:
@@ -544,14 +551,14 @@ def test_a_bare_optimizer_checkpoint_restores_its_state_and_the_noise_starts_at_
 
 
 @needs_cpu_scaler
-def test_resume_with_accumulation_scheduler_and_scaler_continues_bit_identically():
-    batches = [_batch(8, seed=s) for s in range(6)]
+def test_resume_with_accumulation_scheduler_and_scaler_continues_bit_identically(device):
+    batches = [_batch(8, seed=s, device=device) for s in range(6)]
 
     def build_run():
-        model = _model()
+        model = _model(device=device)
         opt = _wrap(model, inner="adamw", lr=1e-2, sigma=0.1, schedule="cosine", total_steps=6)
         scheduler = lr_scheduler.OneCycleLR(opt, max_lr=0.02, total_steps=6)
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+        scaler = torch.amp.GradScaler(device, init_scale=2.0**10, growth_interval=2)
         return model, opt, scheduler, scaler
 
     def train(run, steps):
@@ -559,7 +566,7 @@ def test_resume_with_accumulation_scheduler_and_scaler_continues_bit_identically
         for x, y in steps:
             for xb, yb in zip(x.split(4), y.split(4)):
                 with opt.perturbed():
-                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                    with torch.autocast(device, dtype=torch.bfloat16):
                         loss = F.mse_loss(model(xb).float(), yb) / 2
                     scaler.scale(loss).backward()
             scaler.step(opt)
@@ -713,8 +720,8 @@ FAILURES = {
 
 
 @pytest.mark.parametrize("where", FAILURES)
-def test_a_failure_anywhere_in_a_step_leaves_the_model_clean_and_the_wrapper_usable(where):
-    model = _model(out=8, fan_in=6)
+def test_a_failure_anywhere_in_a_step_leaves_the_model_clean_and_the_wrapper_usable(where, device):
+    model = _model(out=8, fan_in=6, device=device)
     failing = [False]
 
     def adapter(module):  # flatopt's own LoRA, with a delta() that can be made to fail
@@ -729,7 +736,7 @@ def test_a_failure_anywhere_in_a_step_leaves_the_model_clean_and_the_wrapper_usa
         return None
 
     opt = _wrap(model, adapters=[adapter], sigma=0.3, schedule="linear", total_steps=2)
-    x, y = _batch(4)
+    x, y = _batch(4, device=device)
     with opt.perturbed():
         F.mse_loss(model(x), y).backward()
     opt.step()  # one step in, so σ_t > 0
@@ -756,12 +763,12 @@ def test_a_failure_anywhere_in_a_step_leaves_the_model_clean_and_the_wrapper_usa
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
-def test_a_non_finite_base_weight_spoils_the_outputs_it_spoils_without_flatopt(value):
-    model = _model(out=8, fan_in=6)
+def test_a_non_finite_base_weight_spoils_the_outputs_it_spoils_without_flatopt(value, device):
+    model = _model(out=8, fan_in=6, device=device)
     with torch.no_grad():
         model[0].base.weight[2, 3] = value
     opt = _wrap(model, sigma=0.2)
-    x, _ = _batch(5)
+    x, _ = _batch(5, device=device)
     start = snapshot(model)
     keep = [i for i in range(8) if i != 2]
     clean = model[0](x)
@@ -787,10 +794,10 @@ def test_a_non_finite_base_weight_spoils_the_outputs_it_spoils_without_flatopt(v
     assert_untouched(model, start)
 
 
-def test_a_nan_loss_propagates_as_without_flatopt_and_the_restore_stays_exact():
-    model = _model()
+def test_a_nan_loss_propagates_as_without_flatopt_and_the_restore_stays_exact(device):
+    model = _model(device=device)
     opt = _wrap(model, sigma=0.2)
-    x, y = _batch(4)
+    x, y = _batch(4, device=device)
     bad = x.clone()
     bad[1, 0] = float("nan")
     start = snapshot(model)
@@ -821,7 +828,7 @@ def test_a_nan_loss_propagates_as_without_flatopt_and_the_restore_stays_exact():
 LONG_STEPS = 1000
 
 
-def _long_run_model():
+def _long_run_model(device="cpu"):
     """A bf16 MLP, 32 -> 32 -> 4, LoRA rank 4 on both layers, and one fixed batch."""
     g = torch.Generator().manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4))
@@ -834,9 +841,9 @@ def _long_run_model():
         for m in (model[0], model[2]):
             m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g) * 0.2)
             m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.2)
-    x = torch.randn(16, 32, generator=g).to(torch.bfloat16)
-    y = torch.randn(16, 4, generator=g).to(torch.bfloat16)
-    return model, x, y
+    x = torch.randn(16, 32, generator=g).to(device, torch.bfloat16)
+    y = torch.randn(16, 4, generator=g).to(device, torch.bfloat16)
+    return model.to(device), x, y
 
 
 def _drift(before, after):
@@ -845,8 +852,8 @@ def _drift(before, after):
     return changed, relative
 
 
-def test_1000_bf16_steps_at_sigma_0_1_leave_the_frozen_weights_bitwise_unchanged():
-    model, x, y = _long_run_model()
+def test_1000_bf16_steps_at_sigma_0_1_leave_the_frozen_weights_bitwise_unchanged(device):
+    model, x, y = _long_run_model(device=device)
     opt = flatopt.FlatPerturb(
         torch.optim.SGD(_trainable(model), lr=1e-2), model, sigma=0.1, schedule="constant", seed=0
     )
@@ -867,19 +874,20 @@ def test_1000_bf16_steps_at_sigma_0_1_leave_the_frozen_weights_bitwise_unchanged
     assert not torch.equal(model[0].lora_B, start["0.lora_B"][0])  # while LoRA trained
 
 
-def test_the_same_run_with_naive_in_place_add_and_subtract_drifts():
-    model, x, y = _long_run_model()
+def test_the_same_run_with_naive_in_place_add_and_subtract_drifts(device):
+    model, x, y = _long_run_model(device=device)
     sgd = torch.optim.SGD(_trainable(model), lr=1e-2)
     layers = [model[0], model[2]]
     start = [m.base.weight.detach().clone() for m in layers]
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)
     for _ in range(LONG_STEPS):
         noise = []
         with torch.no_grad():  # the paper-style method: W += ε, forward/backward, W -= ε
             for m in layers:
                 weight = m.base.weight
                 std = flatopt.noise.noise_std(weight, m.low_rank(), 0.1)
-                eps = (torch.randn(weight.shape, generator=g) * std[:, None]).to(weight.dtype)
+                z = torch.randn(weight.shape, generator=g, device=device)
+                eps = (z * std[:, None]).to(weight.dtype)
                 weight.add_(eps)
                 noise.append(eps)
         F.mse_loss(model(x), y).backward()
