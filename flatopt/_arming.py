@@ -27,11 +27,12 @@ from .adapters import Target
 from .noise import (
     DENSE_ROW_NORMS,
     _broadcast,
+    _noise_std,
     _perturbed_weight,
     base_row_sq,
     draw_noise,
-    noise_std,
     row_dim,
+    std_scale,
 )
 
 __all__ = [
@@ -179,7 +180,10 @@ class Site:
 
         ``unwrap``: inside torch.func transforms, read the plain tensors in their wrappers."""
         target = self.target
-        with torch.no_grad():
+        grad = torch.is_grad_enabled()
+        if grad:  # the row norms are constants (cheaper than a torch.no_grad() block)
+            torch._C._set_grad_enabled(False)
+        try:
             delta = _full(target.delta(), unwrap) if target.delta is not None else None
             dense = weight if is_plain(weight) else dequantized(weight)
             base_sq = None
@@ -191,7 +195,11 @@ class Site:
                     self._base_sq = base_row_sq(dense, self.transposed)
                     self._base_key = key
                 base_sq = self._base_sq
-            return noise_std(dense, delta, sigma, transposed=self.transposed, base_sq=base_sq)
+            scale = std_scale(dense, sigma, self.transposed)
+            return _noise_std(dense, delta, scale, self.transposed, base_sq)
+        finally:
+            if grad:
+                torch._C._set_grad_enabled(True)
 
 
 def _path(

@@ -303,14 +303,38 @@ def noise_std(
         >>> noise_std(torch.ones(2, 4), sigma=0.1)
         tensor([0.1000, 0.1000])
     """
+    scale = std_scale(weight, sigma, transposed)
+    grad = torch.is_grad_enabled()
+    if grad:
+        torch._C._set_grad_enabled(False)
+    try:
+        return _noise_std(weight, delta, scale, transposed, base_sq)
+    finally:
+        if grad:
+            torch._C._set_grad_enabled(True)
+
+
+def std_scale(weight: Tensor, sigma: float, transposed: bool = False) -> float:
+    """σ/√n for ``weight``, n its fan-in: the std is this times the row norm of W'."""
     rows = weight.shape[row_dim(weight, transposed)]
     fan_in = weight.numel() // max(rows, 1)
-    if torch.is_grad_enabled():
-        with torch.no_grad():
-            norms = _row_norms(weight, delta, transposed, base_sq)
-    else:
-        norms = _row_norms(weight, delta, transposed, base_sq)
-    return norms.mul_(sigma / math.sqrt(max(fan_in, 1)))
+    return sigma / math.sqrt(max(fan_in, 1))
+
+
+def _noise_std(
+    weight: Tensor, delta: Delta, scale: float, transposed: bool, base_sq: Tensor | None = None
+) -> Tensor:
+    """`noise_std` with grad mode already off and the scale σ/√n given."""
+    if weight.numel() <= DENSE_ROW_NORMS and not isinstance(delta, Tensor):
+        factors = _merged_factors(delta, _accumulate_dtype(weight))
+        if factors is not None:
+            # ‖c·W'_i‖ = c·‖W'_i‖ for c = σ/√n > 0: the scale rides in the addmm.
+            B, A, factor = factors
+            acc = _accumulate_dtype(weight)
+            matrix = _as(_logical_matrix(weight, transposed), acc)
+            merged = torch.addmm(matrix, _as(B, acc), _as(A, acc), beta=scale, alpha=scale * factor)
+            return torch.linalg.vector_norm(merged, dim=1)
+    return _row_norms(weight, delta, transposed, base_sq).mul_(scale)
 
 
 def _broadcast(std: Tensor, weight: Tensor, transposed: bool) -> Tensor:
