@@ -30,10 +30,6 @@ from torch.utils.checkpoint import checkpoint
 import flatopt
 from flatopt.lora import LoRALinear, add_lora
 
-needs_cpu_scaler = pytest.mark.skipif(
-    not hasattr(torch.amp, "GradScaler"), reason="torch.amp.GradScaler('cpu') needs torch >= 2.3"
-)
-
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -233,7 +229,6 @@ def test_state_dict_works_while_armed_and_load_state_dict_disarms():
     assert bits_equal(seen[-1], seen[2])
 
 
-@needs_cpu_scaler
 def test_a_step_the_grad_scaler_skips_is_the_explicit_one():
     runs = {}
     for auto in (False, True):

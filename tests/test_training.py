@@ -26,10 +26,6 @@ from torch.utils.checkpoint import checkpoint
 import flatopt
 from flatopt.lora import LoRALinear, add_lora
 
-needs_cpu_scaler = pytest.mark.skipif(
-    not hasattr(torch.amp, "GradScaler"), reason="torch.amp.GradScaler('cpu') needs torch >= 2.3"
-)
-
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -245,7 +241,6 @@ def _amp_step(model, opt, scaler, x, y):
     return loss
 
 
-@needs_cpu_scaler
 def test_grad_scaler_unscales_through_the_wrapper_and_gives_the_plain_gradients(device):
     scaled_model, plain_model = _model(device=device), _model(device=device)
     scaled = _wrap(scaled_model, inner="adamw", lr=1e-2)
@@ -280,7 +275,6 @@ def test_grad_scaler_unscales_through_the_wrapper_and_gives_the_plain_gradients(
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
-@needs_cpu_scaler
 @pytest.mark.parametrize("poison", [float("inf"), float("nan")])
 def test_a_step_the_grad_scaler_skips_does_not_advance_and_leaves_nothing_perturbed(poison, device):
     batches = [_batch(4, seed=s, device=device) for s in range(5)]
@@ -550,7 +544,6 @@ def test_a_bare_optimizer_checkpoint_restores_its_state_and_the_noise_starts_at_
     assert not all(torch.equal(a, b) for a, b in zip(results[False], expected))
 
 
-@needs_cpu_scaler
 def test_resume_with_accumulation_scheduler_and_scaler_continues_bit_identically(device):
     batches = [_batch(8, seed=s, device=device) for s in range(6)]
 
