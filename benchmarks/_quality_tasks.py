@@ -1,8 +1,9 @@
-"""The two real tasks of ``benchmarks/quality.py``: data, pretrained models and corruptions.
+"""The real tasks of ``benchmarks/quality.py``: data, pretrained models and corruptions.
 
 Each task hands the benchmark a `Task`: a way to build a fresh copy of its pretrained model
-with a new classification head, the names of the linear layers that get LoRA, a few-shot
-training split drawn from a seed, and fixed evaluation sets (clean, shifted, corrupted).
+(with a new classification head, or its own head adapted too), the names of the linear layers
+that get LoRA, its training hyperparameters, a few-shot training split drawn from a seed, and
+fixed evaluation sets (clean, shifted, corrupted).
 
 - ``vader``: 5-class valence of single English words from the VADER lexicon (mean of 10 human
   ratings, binned), with a pretrained MiniLM-L6 sentence encoder. The main test set holds words
@@ -11,6 +12,9 @@ training split drawn from a seed, and fixed evaluation sets (clean, shifted, cor
 - ``digits``: scikit-learn's 8×8 digits. A small CNN is pretrained on digits 0–4, then adapted
   to digits 5–9 from a few labelled images, and tested under Gaussian noise, blur and shift of
   rising severity.
+- ``rotated``: the same digits under a distribution shift. A small MLP is pretrained on upright
+  digits 0-9, then adapted to digits rotated by 45° from a few labelled images per class, with
+  LoRA on every layer, its head included; tested under the same corruptions.
 """
 
 from __future__ import annotations
@@ -31,15 +35,28 @@ from torch import Tensor, nn
 Inputs = tuple[Tensor, ...]
 
 
+@dataclass(frozen=True)
+class Training:
+    """How a task's adaptation is trained: LoRA rank and alpha, AdamW's lr, epochs."""
+
+    rank: int
+    alpha: float
+    lr: float
+    epochs: int
+
+
 @dataclass
 class Task:
     """What the benchmark needs from a task.
 
     Attributes:
         name: short name used in tables.
-        make_model: builds a fresh, trainable copy (pretrained body, new head ``.head``) from
+        make_model: builds a fresh, trainable copy (pretrained body, head ``.head``) from
             torch's global RNG, which the caller seeds.
         lora_names: qualified names of the ``nn.Linear`` modules that get LoRA.
+        training: the LoRA rank and alpha, AdamW's learning rate and the epochs.
+        new_head: the head is new and trained in full (a dense target when perturbed); False:
+            the head is pretrained and among ``lora_names``.
         split: ``seed -> (inputs, labels)``, the few-shot training set of that seed.
         eval_sets: name -> (inputs, labels); ``"clean"`` is the main test set.
         severities: corruption name -> the eval-set names of severity 1, 2, 3, ...
@@ -56,6 +73,8 @@ class Task:
     severities: dict[str, list[str]]
     sharpness_set: tuple[Inputs, Tensor]
     batch_size: int
+    training: Training
+    new_head: bool = True
     notes: list[str] = field(default_factory=list)
 
 
@@ -174,6 +193,7 @@ def vader_task(
     shots: int,
     test_per_class: int,
     sharp_size: int,
+    training: Training,
     tuned_layers: int = 2,
     pool_per_class: Optional[int] = None,
 ) -> Task:
@@ -243,6 +263,7 @@ def vader_task(
         severities={"typos": severities},
         sharpness_set=(tuple(t[sharp_idx] for t in s_inputs), s_labels[sharp_idx]),
         batch_size=16,
+        training=training,
         notes=[
             f"MiniLM-L6 (all-MiniLM-L6-v2), layers 1-{frozen} frozen and run once; LoRA on all "
             f"{len(lora_names)} linears of layers {frozen + 1}-{total}; new 5-class head on "
@@ -307,27 +328,62 @@ BLUR = (0.6, 0.9, 1.2)  # std of the Gaussian blur kernel, in pixels
 SHIFT = (1, 2, 3)  # translation in pixels
 
 
-def digits_task(shots: int, pretrain_epochs: int, sharp_size: int) -> Task:
-    """Pretrain on digits 0-4, adapt to 5-9 from ``shots`` images per class."""
+def corrupted(test_x: Tensor, test_y: Tensor) -> tuple[dict, dict[str, list[str]]]:
+    """The clean test set and its corrupted copies, and the set names of each severity."""
+    eval_sets: dict[str, tuple[Inputs, Tensor]] = {"clean": ((test_x,), test_y)}
+    severities: dict[str, list[str]] = {"noise": [], "blur": [], "shift": []}
+    for k, (noise, blur, pixels) in enumerate(zip(NOISE, BLUR, SHIFT), start=1):
+        gk = torch.Generator().manual_seed(200 + k)
+        images = {
+            "noise": (test_x + noise * torch.randn(test_x.shape, generator=gk)).clamp(0, 1),
+            "blur": gaussian_blur(test_x, blur),
+            "shift": shift(test_x, pixels, gk),
+        }
+        for name, corrupt in images.items():
+            eval_sets[f"{name}-{k}"] = ((corrupt,), test_y)
+            severities[name].append(f"{name}-{k}")
+    return eval_sets, severities
+
+
+CORRUPTION_NOTE = (
+    f"corruptions at severity 1/2/3: Gaussian noise std {NOISE} (pixels in [0, 1], clamped); "
+    f"Gaussian blur std {BLUR} px; shift by {SHIFT} px in a random direction"
+)
+
+
+def load_digit_images() -> tuple[Tensor, Tensor]:
+    """scikit-learn's 8×8 digits as (N, 1, 8, 8) images in [0, 1], and their labels."""
     from sklearn.datasets import load_digits
 
     data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(data.target)
+    return torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0, torch.tensor(
+        data.target
+    )
+
+
+def pretrain(
+    model: nn.Module, x: Tensor, y: Tensor, epochs: int, lr: float, seed: int = 0
+) -> nn.Module:
+    """Plain full training, batch 32, in a batch order drawn from ``seed``."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(y), generator=g).split(32):
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+            opt.zero_grad()
+    return model.eval()
+
+
+def digits_task(shots: int, pretrain_epochs: int, sharp_size: int, training: Training) -> Task:
+    """Pretrain on digits 0-4, adapt to 5-9 from ``shots`` images per class."""
+    x, y = load_digit_images()
     source = y < 5
     target_x, target_y = x[~source], y[~source] - 5
 
     torch.manual_seed(0)
-    pretrained = DigitsCNN(5)
-    opt = torch.optim.AdamW(pretrained.parameters(), lr=3e-3)
-    g = torch.Generator().manual_seed(0)
     sx, sy = x[source], y[source]
-    for _ in range(pretrain_epochs):
-        for idx in torch.randperm(len(sy), generator=g).split(32):
-            F.cross_entropy(pretrained(sx[idx]), sy[idx]).backward()
-            opt.step()
-            opt.zero_grad()
-    pretrained.eval()
+    pretrained = pretrain(DigitsCNN(5), sx, sy, pretrain_epochs, lr=3e-3)
 
     # Half of the 5-9 images (a fixed half) are the test set; the training shots come from the
     # other half.
@@ -336,19 +392,7 @@ def digits_task(shots: int, pretrain_epochs: int, sharp_size: int) -> Task:
     test_idx, pool_idx = perm[: len(perm) // 2], perm[len(perm) // 2 :]
     test_x, test_y = target_x[test_idx], target_y[test_idx]
     pool_x, pool_y = target_x[pool_idx], target_y[pool_idx]
-
-    eval_sets: dict[str, tuple[Inputs, Tensor]] = {"clean": ((test_x,), test_y)}
-    severities: dict[str, list[str]] = {"noise": [], "blur": [], "shift": []}
-    for k, (noise, blur, pixels) in enumerate(zip(NOISE, BLUR, SHIFT), start=1):
-        gk = torch.Generator().manual_seed(200 + k)
-        corrupted = {
-            "noise": (test_x + noise * torch.randn(test_x.shape, generator=gk)).clamp(0, 1),
-            "blur": gaussian_blur(test_x, blur),
-            "shift": shift(test_x, pixels, gk),
-        }
-        for name, images in corrupted.items():
-            eval_sets[f"{name}-{k}"] = ((images,), test_y)
-            severities[name].append(f"{name}-{k}")
+    eval_sets, severities = corrupted(test_x, test_y)
 
     with torch.no_grad():
         source_acc = (pretrained(sx).argmax(1) == sy).float().mean().item()
@@ -372,14 +416,102 @@ def digits_task(shots: int, pretrain_epochs: int, sharp_size: int) -> Task:
         severities=severities,
         sharpness_set=((test_x[sharp_idx],), test_y[sharp_idx]),
         batch_size=10,
+        training=training,
         notes=[
             f"CNN (2 convs, 2 linears, head) pretrained on digits 0-4 for {pretrain_epochs} "
             f"epochs ({source_acc:.1%} train accuracy); adapted to 5-9 with a new 5-class head; "
             "LoRA on fc1 and fc2, convs frozen",
             f"{shots} training images per class drawn per seed from one half of the 5-9 "
             f"images; clean test: the other half ({len(test_y)} images)",
-            f"corruptions at severity 1/2/3: Gaussian noise std {NOISE} (pixels in [0, 1], "
-            f"clamped); Gaussian blur std {BLUR} px; shift by {SHIFT} px in a random direction",
+            CORRUPTION_NOTE,
+        ],
+    )
+
+
+class DigitsMLP(nn.Module):
+    """8×8 image -> 128 -> 128 -> 10, ReLU: three linear layers, the last one the head."""
+
+    def __init__(self, hidden: int = 128, classes: int = 10):
+        super().__init__()
+        self.fc1 = nn.Linear(64, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(F.relu(self.fc2(F.relu(self.fc1(x.flatten(1))))))
+
+
+def rotate(images: Tensor, degrees: float) -> Tensor:
+    """Rotate every image about its centre (bilinear, background 0)."""
+    angle = math.radians(degrees)
+    c, s = math.cos(angle), math.sin(angle)
+    theta = torch.tensor([[c, -s, 0.0], [s, c, 0.0]]).expand(len(images), 2, 3)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, align_corners=False)
+
+
+def rotated_task(
+    shots: int,
+    degrees: float,
+    pretrain_epochs: int,
+    sharp_size: int,
+    training: Training,
+    pretrain_seed: int = 0,
+) -> Task:
+    """Pretrain an MLP on upright digits, adapt it to rotated ones: every layer gets LoRA.
+
+    ``pretrain_seed`` draws the MLP's initialisation and the pretraining batch order; the data
+    and its splits do not depend on it.
+    """
+    x, y = load_digit_images()
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    source_idx, target_idx = perm[: len(y) // 2], perm[len(y) // 2 :]
+
+    torch.manual_seed(pretrain_seed)
+    sx, sy = x[source_idx], y[source_idx]
+    pretrained = pretrain(DigitsMLP(), sx, sy, pretrain_epochs, lr=3e-3, seed=pretrain_seed)
+
+    # The other half of the images, rotated: half of them the test set, half the shot pool.
+    target_x, target_y = rotate(x[target_idx], degrees), y[target_idx]
+    g = torch.Generator().manual_seed(1234)
+    split_perm = torch.randperm(len(target_y), generator=g)
+    test_idx, pool_idx = split_perm[: len(split_perm) // 2], split_perm[len(split_perm) // 2 :]
+    test_x, test_y = target_x[test_idx], target_y[test_idx]
+    pool_x, pool_y = target_x[pool_idx], target_y[pool_idx]
+    eval_sets, severities = corrupted(test_x, test_y)
+
+    with torch.no_grad():
+        source_acc = (pretrained(sx).argmax(1) == sy).float().mean().item()
+        before = (pretrained(test_x).argmax(1) == test_y).float().mean().item()
+
+    def make_model() -> nn.Module:
+        return copy.deepcopy(pretrained)  # the head is kept: the classes are the same
+
+    def split(seed: int) -> tuple[Inputs, Tensor]:
+        idx = few_shot(pool_y, shots, torch.Generator().manual_seed(seed))
+        return (pool_x[idx],), pool_y[idx]
+
+    sharp_idx = torch.randperm(len(test_y), generator=g)[:sharp_size]
+    return Task(
+        name="rotated",
+        make_model=make_model,
+        lora_names=["fc1", "fc2", "head"],
+        split=split,
+        eval_sets=eval_sets,
+        severities=severities,
+        sharpness_set=((test_x[sharp_idx],), test_y[sharp_idx]),
+        batch_size=10,
+        training=training,
+        new_head=False,
+        notes=[
+            f"MLP (64-128-128-10, ReLU) pretrained on upright digits 0-9 (a fixed half of the "
+            f"images) for {pretrain_epochs} epochs, pretraining seed {pretrain_seed} "
+            f"({source_acc:.1%} train accuracy); "
+            f"{before:.1%} on the rotated test set before adaptation",
+            f"adapted to the other half rotated by {degrees:g} degrees: {shots} training images "
+            f"per class drawn per seed; LoRA on all three linear layers, the pretrained head "
+            f"included, nothing else trained; clean test: {len(test_y)} rotated images",
+            CORRUPTION_NOTE,
         ],
     )
 

@@ -103,3 +103,111 @@ def test_it_finds_targets_like_flatperturb():
     with pytest.raises(ValueError, match="No adapter recognised"):
         flatopt.sharpness(plain, lambda b: plain(b).sum(), [torch.ones(1, 3)])
     assert isinstance(add_lora(nn.Sequential(nn.Linear(3, 3)), None)[0], LoRALinear)
+
+
+def _loss(model, x, y):
+    return lambda batch: F.mse_loss(model(batch[0]), batch[1])
+
+
+def test_several_sigmas_in_one_call_are_the_single_calls():
+    # Each σ meets the same draws of z as its own call: the same numbers, bit for bit.
+    model, x, y = _regression()
+    curve = flatopt.sharpness(model, _loss(model, x, y), [(x, y)], sigma=(0.3, 0.1), samples=3)
+    singles = [
+        flatopt.sharpness(model, _loss(model, x, y), [(x, y)], sigma=s, samples=3)
+        for s in (0.3, 0.1)
+    ]
+    assert isinstance(curve, list) and curve == singles
+    assert [r.sigma for r in curve] == [0.3, 0.1] and curve[0].mean > curve[1].mean > 0
+
+
+def test_the_interval_is_students_t_and_covers_at_its_level():
+    model, x, y = _regression()
+    merged = model[0].merged_weight().detach()
+    sigma, samples, runs = 0.2, 10, 100
+    expected = (sigma**2 * merged.square().sum(1).mean() * x.square().sum(1).mean() / 16).item()
+    covered = 0
+    for seed in range(runs):
+        result = flatopt.sharpness(
+            model, _loss(model, x, y), [(x, y)], sigma=sigma, samples=samples, seed=seed
+        )
+        low, high = result.ci()
+        covered += low <= expected <= high
+        assert result.seed == seed
+    # 2.262 is Student's t at 97.5% with 9 degrees of freedom (printed tables).
+    torch.testing.assert_close(high - result.mean, 2.262 * result.stderr, rtol=2e-4, atol=0)
+    # Binomial: the coverage is within 4 standard deviations of 0.95 (fails ~1 in 16,000).
+    tolerance = 4 * math.sqrt(0.95 * 0.05 / runs)
+    assert abs(covered / runs - 0.95) < tolerance
+
+
+@pytest.mark.parametrize(
+    ("level", "df", "table"),
+    [
+        (0.95, 1, 12.706),
+        (0.95, 2, 4.303),
+        (0.99, 4, 4.604),
+        (0.90, 29, 1.699),
+        (0.95, 120, 1.980),
+    ],
+)
+def test_the_t_quantile_matches_printed_tables(level, df, table):
+    increases = tuple(float(i % 2) for i in range(df + 1))
+    result = flatopt.Sharpness(0.0, 1.0, 1.0, 0.0, increases, sigma=0.1)
+    low, high = result.ci(level)
+    assert low == -high and abs(high - table) < 5e-4
+
+
+def test_one_sample_has_no_interval_and_a_bad_level_is_refused():
+    result = flatopt.Sharpness(0.1, 0.0, 0.0, 1.0, (0.1,), sigma=0.1)
+    assert result.ci() == (-math.inf, math.inf)
+    with pytest.raises(ValueError, match=r"Invalid level: 1\.5"):
+        result.ci(1.5)
+
+
+def test_a_generator_of_modules_is_measured_in_eval_mode():
+    # The iterable is read once: the search for targets must not use it up before eval().
+    model, x, y = _regression()
+    model[0].dropout = nn.Dropout(0.5)
+    model.train()
+    state = torch.get_rng_state()
+    result = flatopt.sharpness(
+        (m for m in [model]), _loss(model, x, y), [(x, y)], sigma=0.0, samples=3
+    )
+    assert result.increases == (0.0, 0.0, 0.0)  # dropout was off: every loss is the clean one
+    assert bits_equal(state, torch.get_rng_state())
+    assert all(m.training for m in model.modules())
+
+
+class _CallsForward(nn.Module):
+    """A LoRA layer that runs its base through ``base.forward(x)``, which skips its hooks."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        layer = self.layer
+        return layer.base.forward(x) + layer.scaling * (x @ layer.lora_A.t() @ layer.lora_B.t())
+
+
+def test_no_target_forward_raises_instead_of_returning_zero():
+    model, x, y = _regression()
+    wrapper = _CallsForward(model[0])
+    with pytest.raises(RuntimeError, match=r"none of the 1 target layers ran.*module\(x\)"):
+        flatopt.sharpness(wrapper, _loss(wrapper, x, y), [(x, y)], sigma=0.1, samples=2)
+
+
+def test_a_model_compiled_before_the_hooks_existed_raises():
+    torch._dynamo.reset()
+    model, x, y = _regression()
+    compiled = torch.compile(model, backend="aot_eager")
+    model.eval()
+    with torch.no_grad():
+        compiled(x)  # compiled, in the mode sharpness measures in, before any flatopt hook
+    hooks = (dict(model[0].base._forward_pre_hooks), dict(model[0].base._forward_hooks))
+    with pytest.raises(RuntimeError, match="build the FlatPerturb before compiling"):
+        flatopt.sharpness(model, _loss(compiled, x, y), [(x, y)], sigma=0.1, samples=2)
+    # The model is left as it was found: no hook added, its modes as they were.
+    assert (dict(model[0].base._forward_pre_hooks), dict(model[0].base._forward_hooks)) == hooks
+    assert not any(m.training for m in model.modules())
