@@ -181,7 +181,8 @@ def dense(
         An adapter for ``FlatPerturb(adapters=[...])`` or `sharpness(adapters=[...])`.
 
     Raises:
-        TypeError: an argument is not an ``nn.Module``.
+        TypeError: an argument is not an ``nn.Module``, or its weight was flattened by FSDP1
+            (use FSDP2's ``fully_shard``).
         ValueError: no module given, a module's weight has fewer than 2 dims (biases and
             norm layers are never perturbed), or a grouped transposed convolution (its output
             channels are not one storage dim).
@@ -206,6 +207,9 @@ def dense(
         if not isinstance(module, nn.Module):
             raise TypeError(f"dense() takes nn.Module arguments, got {type(module).__name__}.")
         weight = getattr(module, param_name, None)
+        layer = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding, nn.EmbeddingBag)
+        if isinstance(weight, torch.Tensor) and weight.ndim < 2 and isinstance(module, layer):
+            raise TypeError(_FSDP1)  # a layer whose weight is flat: FSDP1 flattened it
         if isinstance(weight, torch.Tensor) and weight.ndim < 2:
             raise ValueError(
                 f"dense({type(module).__name__}): its {param_name!r} has shape "
@@ -236,6 +240,14 @@ def _named_modules(model: nn.Module | Iterable[nn.Module]) -> list[tuple[str, nn
             (f"{index}.{name}" if name else str(index), m) for name, m in module.named_modules()
         ]
     return named
+
+
+_FSDP1 = (
+    "The model is wrapped in FSDP1 (torch.distributed.fsdp.FullyShardedDataParallel), which "
+    "flattens its weights outside the forward. flatopt supports FSDP2: shard with "
+    "torch.distributed.fsdp.fully_shard instead (each rank then sees exactly the noise "
+    "unsharded flatopt gives)."
+)
 
 
 def _check(target: object, adapter: Adapter, name: str, module: nn.Module) -> Target:
@@ -276,7 +288,8 @@ def find_targets(
 
     Raises:
         ValueError: no adapter recognised any module (the message lists the types seen).
-        TypeError: an adapter returned something other than a Target or None.
+        TypeError: an adapter returned something other than a Target or None, or the model
+            is wrapped in FSDP1 (use FSDP2's ``fully_shard``).
 
     Example:
         >>> from flatopt.lora import add_lora
@@ -286,6 +299,8 @@ def find_targets(
     """
     chain = [*adapters, *_REGISTERED, *_builtins()]
     named = _named_modules(model)
+    if any(type(m).__name__ == "FullyShardedDataParallel" for _, m in named):
+        raise TypeError(_FSDP1)
     found: list[tuple[str, Target]] = []
     for name, module in named:
         for adapter in chain:
