@@ -29,10 +29,16 @@ venv .venv-integrations constraints/integrations.txt dev,integrations
   tests/integrations/test_peft.py tests/integrations/test_loralib.py \
   tests/integrations/test_parametrize.py
 
-echo "== integrations: torchtune + torchao, litgpt"
+echo "== integrations: the docs pages whose blocks need peft, transformers or accelerate"
+# The main suite skips those blocks (and says so); here their needs must be met.
+FLATOPT_DOCS_REQUIRE="peft transformers accelerate" .venv-integrations/bin/python -m pytest \
+  -p no:cacheprovider tests/test_docs.py -k "peft.md or troubleshooting.md"
+
+echo "== integrations: torchtune + torchao (also sharded by its shard_model, FSDP2), litgpt"
 venv .venv-tt constraints/torchtune-litgpt.txt dev torchtune torchao litgpt
 .venv-tt/bin/python -m pip list 2>/dev/null | grep -iE "^(torch|torchtune|torchao|litgpt) "
 .venv-tt/bin/python -m pytest -p no:cacheprovider \
-  tests/integrations/test_torchtune.py tests/integrations/test_litgpt.py
+  tests/integrations/test_torchtune.py tests/integrations/test_torchtune_fsdp.py \
+  tests/integrations/test_litgpt.py
 
 echo "== integrations finished in $((SECONDS - start)) s"

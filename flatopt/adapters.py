@@ -267,6 +267,16 @@ def _check(target: object, adapter: Adapter, name: str, module: nn.Module) -> Ta
             f"{type(target.module).__name__}.{target.param_name} for module {name!r}, but that "
             f"attribute is {type(weight).__name__}, not a tensor. Check param_name."
         )
+    layer = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding, nn.EmbeddingBag)
+    if weight.ndim < 2:
+        if isinstance(target.owner()[0], layer):
+            raise TypeError(_FSDP1)  # a layer whose weight is flat: FSDP1 flattened it
+        raise ValueError(
+            f"Adapter {getattr(adapter, '__name__', adapter)!r} targets "
+            f"{type(target.module).__name__}.{target.param_name} for module {name!r}, a tensor "
+            f"of shape {tuple(weight.shape)}; flatopt perturbs weights of 2 or more dims "
+            "(biases and norm layers are never perturbed)."
+        )
     owner, attribute = target.owner()
     stored = (owner._parameters, owner._buffers, owner.__dict__)
     if not any(attribute in store for store in stored):
