@@ -23,11 +23,20 @@ venv() {
 }
 
 echo "== integrations: peft + transformers, loralib, minLoRA-style parametrize"
-venv .venv-integrations constraints/integrations.txt dev,integrations
-.venv-integrations/bin/python -m pip list 2>/dev/null | grep -iE "^(torch|peft|transformers|loralib) "
+venv .venv-integrations constraints/integrations.txt dev,integrations,trainers
+.venv-integrations/bin/python -m pip list 2>/dev/null \
+  | grep -iE "^(torch|peft|transformers|loralib|trl|accelerate|pytorch-lightning|datasets) "
 .venv-integrations/bin/python -m pytest -p no:cacheprovider \
   tests/integrations/test_peft.py tests/integrations/test_loralib.py \
   tests/integrations/test_parametrize.py
+
+echo "== trainers that own the loop: HF Trainer, TRL, Lightning, Accelerate (auto=True)"
+HF_DATASETS_OFFLINE=1 TQDM_DISABLE=1 .venv-integrations/bin/python -m pytest -p no:cacheprovider \
+  tests/integrations/test_trainers.py
+for script in examples/trainers/*.py; do
+  echo "-- $script"
+  HF_DATASETS_OFFLINE=1 TQDM_DISABLE=1 .venv-integrations/bin/python "$script" --smoke
+done
 
 echo "== integrations: the docs pages whose blocks need peft, transformers or accelerate"
 # The main suite skips those blocks (and says so); here their needs must be met.

@@ -271,11 +271,238 @@ def memory() -> str:
     )
 
 
+def _verdict(value: float, target: float) -> str:
+    return "meets" if value <= target else "**misses**"
+
+
+def perf_teaching() -> str:
+    """The teaching-size model before and after, and the verdicts: overhead_teaching*.json."""
+    rows = []
+    for label, name in (
+        ("before (`2f4465f`)", "overhead_teaching_before.json"),
+        ("now", "overhead_teaching.json"),
+    ):
+        t = results(name)["teaching"]["cpu_summary"]
+        rows.append(
+            f"| {label} | {t['t_lora_us']:.0f} | {t['t_flat_us']:.0f} | "
+            f"{t['t_lora_draws_us']:.0f} | {t['flat_over_lora']:.2f} | "
+            f"{t['floor_lora_plus_draws_over_lora']:.2f} | {t['flat_extra_us_per_target']:.0f} | "
+            f"{t['unarmed_hooks_us_per_target']:.2f} |"
+        )
+    now = results("overhead_teaching.json")["teaching"]["cpu_summary"]
+    return "\n".join(
+        [
+            "| flatopt | t_lora (µs) | t_flat (µs) | t_lora + draws (µs) | flat / lora | "
+            "floor: (lora + draws) / lora | extra µs per target | unarmed hooks, µs per target |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            *rows,
+            "",
+            f"Against the targets: t_flat ≤ 1.25 × t_lora {_verdict(now['flat_over_lora'], 1.25)} "
+            f"({now['flat_over_lora']:.2f}; the draws alone give "
+            f"{now['floor_lora_plus_draws_over_lora']:.2f}); unarmed hooks ≤ 2 µs per target "
+            f"{_verdict(now['unarmed_hooks_us_per_target'], 2.0)} "
+            f"({now['unarmed_hooks_us_per_target']:.2f} µs).",
+        ]
+    )
+
+
+def perf_breakdown() -> str:
+    """Where the teaching-size step's extra time goes: overhead_teaching.json."""
+    data = results("overhead_teaching.json")["teaching"]["breakdown_us_per_step"]
+    extra = data["flat_minus_lora"]
+    rows = [
+        f"| {'↳ ' if name.startswith(' ') else ''}{name.strip()} | {value:.0f} | "
+        f"{value / 4:.1f} | {_percent(value / extra)} |"
+        for name, value in data["components"].items()
+    ]
+    return "\n".join(
+        [
+            f"FlatPerturb minus plain LoRA: {extra:.0f} µs per step ({data['clock']}).",
+            "",
+            "| component | µs / step | µs / target / step | share of the extra |",
+            "|---|---:|---:|---:|",
+            *rows,
+        ]
+    )
+
+
+def perf_levers() -> str:
+    """The teaching-size benchmark on each commit that added a lever: teaching_levers.json."""
+    data = results("teaching_levers.json")
+    rows = []
+    for row in data["rows"]:
+        t = row["summary"]
+        rows.append(
+            f"| `{row['commit']}` | {row['lever']} | {t['flat_over_lora']:.2f} | "
+            f"{t['flat_extra_us_per_target']:.0f} | {t['unarmed_hooks_us_per_target']:.1f} |"
+        )
+    return "\n".join(
+        [
+            "| commit | lever | flat / lora | extra µs per target | unarmed hooks, µs per target |",
+            "|---|---|---:|---:|---:|",
+            *rows,
+        ]
+    )
+
+
+def perf_reference() -> str:
+    """The CPU reference configuration against its targets: two runs of the same command."""
+    rows, verdicts = [], []
+    for label, name in (
+        ("`overhead.json`", "overhead.json"),
+        ("`overhead_profile.json` (5 rounds)", "overhead_profile.json"),
+    ):
+        data = results(name)
+        s = data["summary"]
+        over_rng = s["overhead_over_rng_paired_median"]
+        inplace, sam = s["flat_over_inplace_paired_median"], s["flat_over_sam_paired_median"]
+        rows.append(
+            f"| {label} | {data['load_average_before'][0]:.1f} | {s['t_lora']:.3f} | "
+            f"{s['t_flat']:.3f} | {s['t_inplace']:.3f} | {s['t_sam']:.3f} | {s['t_rng']:.4f} | "
+            f"{s['flat_over_lora_paired_median']:.3f} | {inplace:.3f} | {sam:.3f} | "
+            f"{over_rng:.2f} |"
+        )
+        verdicts.append(
+            f"{label}: (t_flat − t_lora) ≤ 1.10 · t_rng {_verdict(over_rng, 1.10)} "
+            f"({over_rng:.2f}), t_flat ≤ 1.0 × in-place {_verdict(inplace, 1.0)} "
+            f"({inplace:.3f}), t_flat ≤ 0.55 × LoRA-SAM {_verdict(sam, 0.55)} ({sam:.3f})."
+        )
+    return "\n".join(
+        [
+            "| run | load | t_lora (s) | t_flat (s) | t_inplace (s) | t_sam (s) | t_rng (s) | "
+            "flat / lora | flat / in-place | flat / SAM | (flat − lora) / t_rng |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            *rows,
+            "",
+            "Times are medians over rounds, ratios medians of per-round ratios. Against the "
+            "targets:",
+            "",
+            *(f"- {verdict}" for verdict in verdicts),
+        ]
+    )
+
+
+def perf_memory() -> str:
+    """Peak memory of a step per method: memory.json."""
+    data = results("memory.json")
+    rss = data["tables"]["rss"]
+    names = {
+        "lora": "plain LoRA",
+        "flat": "**FlatPerturb**",
+        "inplace": "in-place (inexact)",
+        "sam": "LoRA-SAM",
+        "copy": "copy (exact, heavy)",
+    }
+    rows = [
+        f"| {names[m]} | {r['built_mib']:.1f} | {r['peak_mib']:.1f} | {r['extra_mib']:+.1f} | "
+        f"{r['extra_in_largest_targets']:+.2f} |"
+        for m, r in rss.items()
+    ]
+    flat = rss["flat"]["extra_in_largest_targets"]
+    return "\n".join(
+        [
+            "| method | RSS after building (MiB) | peak RSS of 2 steps (MiB) | extra over LoRA "
+            "(MiB) | in largest target weights |",
+            "|---|---:|---:|---:|---:|",
+            *rows,
+            "",
+            f"Peak extra memory ≤ 1.0 × the largest target weight {_verdict(flat, 1.0)} "
+            f"({flat:.2f}); persistent state ≤ 1% of the target weights "
+            f"{_verdict(data['persistent_fraction_of_targets'], 0.01)} "
+            f"({100 * data['persistent_fraction_of_targets']:.2f}%, "
+            f"{data['persistent']['total_bytes']:,} bytes).",
+        ]
+    )
+
+
+def perf_fsdp() -> str:
+    """Peak memory per rank under FSDP2: fsdp_memory.json."""
+    data = results("fsdp_memory.json")
+    config = data["config"]
+    rows = [
+        f"| {r['rank']} | {r['params_held_bytes'] / 2**20:.0f} | "
+        f"{r['peak_above_start_bytes']['lora'] / 2**20:.1f} | "
+        f"{r['peak_above_start_bytes']['flat'] / 2**20:.1f} | "
+        f"{r['flat_minus_lora_bytes'] / 2**20:+.1f} | {r['in_largest_target_weights']:+.2f} |"
+        for r in data["ranks"]
+    ]
+    return "\n".join(
+        [
+            f"{config['blocks']} residual blocks of width {config['width']} (MLP 4d, LoRA rank 8 "
+            f"on every linear layer), each block and the root `fully_shard`ed over "
+            f"{config['world_size']} gloo ranks, {config['tokens']} tokens per step; largest "
+            f"target weight {data['largest_target_weight_bytes'] / 2**20:.0f} MiB; median of "
+            f"{config['repeat']} fresh runs.",
+            "",
+            "| rank | parameters held (MiB) | plain LoRA: peak above the pre-step RSS (MiB) | "
+            "FlatPerturb (MiB) | difference (MiB) | in largest target weights |",
+            "|---:|---:|---:|---:|---:|---:|",
+            *rows,
+        ]
+    )
+
+
+def perf_seed_space() -> str:
+    """The cost of seeding torch's CPU generator with all 64 bits: seed_space.json."""
+    data = results("seed_space.json")["seed_space"]
+    rows = []
+    for label, shape in data["shapes"].items():
+        us = shape["us"]
+        rows.append(
+            f"| {label} | {us['seed32']:.1f} | {us['xor_state']:.1f} "
+            f"({shape['xor_state_extra_percent_of_w_plus_eps']:+.0f}% of W + ε) | "
+            f"{us['sum_of_two']:.1f} ({shape['sum_of_two_extra_percent_of_w_plus_eps']:+.0f}%) |"
+        )
+    return "\n".join(
+        [
+            "| shape | today's draw (µs) | 64-bit: XOR of two seeded states (µs) | "
+            "(z₁ + z₂)/√2 from two seeds (µs) |",
+            "|---|---:|---:|---:|",
+            *rows,
+        ]
+    )
+
+
+def perf_sweep() -> str:
+    """The tokens × width × accumulation sweep: overhead_sweep.json."""
+    data = results("overhead_sweep.json")
+    rows = []
+    for cell in data["cells"]:
+        t = cell["summary"]
+        rows.append(
+            f"| {cell['width']} | {cell['tokens']} | {cell['accumulation']} | {cell['rounds']} | "
+            f"{cell['load_average_before'][0]:.1f} | {t['t_lora']:.3f} | "
+            f"{t['rng_over_lora_paired_median']:.3f} | {t['flat_over_lora_paired_median']:.3f} | "
+            f"{t['flat_over_inplace_paired_median']:.3f} | {t['flat_over_sam_paired_median']:.3f} "
+            f"| {t['overhead_over_rng_paired_median']:.2f} |"
+        )
+    skipped = data.get("skipped_cells", [])
+    return "\n".join(
+        [
+            "| d | tokens / micro-batch | GA | rounds | load | t_lora (s) | t_rng / t_lora | "
+            "flat / lora | flat / in-place | flat / SAM | (flat − lora) / t_rng |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            *rows,
+            "",
+            f"{data['threads']} thread(s); {len(data['cells'])} cells run, {len(skipped)} skipped "
+            "as heavier than the reference step (`--max-cost`).",
+        ]
+    )
+
+
 GENERATORS = {
+    "perf-sweep": perf_sweep,
     "drift": drift,
     "quality": quality,
     "quality-headline": quality_headline,
     "memory": memory,
+    "perf-teaching": perf_teaching,
+    "perf-breakdown": perf_breakdown,
+    "perf-levers": perf_levers,
+    "perf-reference": perf_reference,
+    "perf-memory": perf_memory,
+    "perf-fsdp": perf_fsdp,
+    "perf-seed-space": perf_seed_space,
 }
 
 

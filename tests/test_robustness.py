@@ -635,10 +635,11 @@ def test_an_interrupted_auto_forward_leaves_w_in_the_state_dict():
 @pytest.mark.xfail(
     strict=True,
     raises=AssertionError,
-    reason="core: after a KeyboardInterrupt inside an auto-armed target forward, W + ε (a plain "
-    "tensor) stays in the module's _parameters, and flatopt's saved-tensor hooks stay pushed "
-    "on the thread, until the next state_dict(), forward of that module or step(): "
-    "torch.save(model) and copy.deepcopy(model) meanwhile hold W + ε",
+    reason="documented limit (How it works, Failures): after a KeyboardInterrupt inside an "
+    "auto-armed target forward, W + ε (a plain tensor) stays in the module's _parameters, and "
+    "flatopt's saved-tensor hooks stay pushed on the thread, until the next state_dict(), "
+    "forward of that module or step(): torch.save(model) and copy.deepcopy(model) meanwhile "
+    "hold W + ε",
 )
 def test_an_interrupted_auto_forward_leaves_w_in_a_pickled_model():
     model, opt, weight = _interrupt_an_auto_forward()

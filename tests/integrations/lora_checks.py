@@ -225,4 +225,9 @@ def check_reference(
     assert any(g is not None for g in fast_grads), "no LoRA parameter got a gradient"
     for got, want in zip(fast_grads, slow_grads):
         if got is not None:
-            torch.testing.assert_close(got.float(), want.float(), **tol)
+            # fp32 round-off in W + ε (fused addcmul against a separate add) reaches a
+            # gradient entry through sums of terms as large as the gradient's largest: the
+            # absolute tolerance is taken relative to that scale.
+            scale = max(1.0, float(want.abs().max()))
+            atol = tol["atol"] * scale
+            torch.testing.assert_close(got.float(), want.float(), rtol=tol["rtol"], atol=atol)

@@ -636,7 +636,7 @@ def test_the_accelerated_optimizer_hides_the_flatperturb_and_unwrap_reaches_it()
 
 def test_the_installed_frameworks_are_the_pinned_ones():
     pins = {}
-    path = Path(__file__).parents[2] / "constraints" / "trainers.txt"
+    path = Path(__file__).parents[2] / "constraints" / "integrations.txt"
     for line in path.read_text().splitlines():
         if "==" in line and not line.startswith("#"):
             name, pinned = line.split("==")
