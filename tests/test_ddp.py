@@ -9,6 +9,7 @@ DDP must produce. The tests below read what the ranks saved.
 
 import copy
 import datetime
+import gc
 import math
 import os
 import socket
@@ -135,6 +136,10 @@ def _worker(rank, host, port, out_dir):
         for rank_noise in (True, False):
             results[rank_noise] = _train(rank, rank_noise)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+        # DDP's reducer must go before its process group does (a cycle would keep it to exit,
+        # where gloo's threads abort the process): collect, then let both ranks get here.
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

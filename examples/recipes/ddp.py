@@ -11,6 +11,7 @@ cannot drift apart, and the σ schedule counts optimizer steps whatever the worl
 
 import argparse
 import datetime
+import gc
 import os
 import socket
 from contextlib import nullcontext
@@ -34,6 +35,7 @@ def train(rank: int, world_size: int, steps: int) -> None:
     try:
         # DDP and the optimizers live in run(): they are gone before the process group is.
         run(rank, world_size, steps)
+        gc.collect()  # DDP may sit in a reference cycle: collect it while the group lives
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -13,6 +13,7 @@ The frozen shards are never written.
 
 import argparse
 import datetime
+import gc
 import os
 import shutil
 import socket
@@ -128,6 +129,7 @@ def main_worker(rank: int, world_size: int, steps: int) -> None:
     )
     try:
         run(rank, world_size, steps)  # the model and optimizers are gone before the group is
+        gc.collect()  # including any held only by a reference cycle
         dist.barrier()
     finally:
         dist.destroy_process_group()
