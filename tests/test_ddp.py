@@ -9,20 +9,16 @@ DDP must produce. The tests below read what the ranks saved.
 
 import copy
 import datetime
-import gc
 import math
-import os
-import socket
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from helpers import bits_equal
+from ranks import WORLD, process_group, spawn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -37,7 +33,6 @@ pytestmark = [
     pytest.mark.cpu_only(reason="gloo on CPU processes; one GPU cannot host two NCCL ranks"),
 ]
 
-WORLD = 2
 STEPS = 6
 MICRO = 2  # micro-batches per optimizer step; all but the last run under no_sync()
 SIGMA = 0.2
@@ -128,67 +123,20 @@ def _train(rank, rank_noise):
 
 
 def _worker(rank, host, port, out_dir):
-    torch.set_num_threads(1)
-    store = dist.TCPStore(host, port, is_master=False, timeout=TIMEOUT)
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD, timeout=TIMEOUT)
-    try:
+    with process_group(rank, host, port, TIMEOUT):
         results = {"rank": dist.get_rank()}
         for rank_noise in (True, False):
             results[rank_noise] = _train(rank, rank_noise)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
         # DDP's reducer must go before its process group does (a cycle would keep it to exit,
-        # where gloo's threads abort the process): collect, then let both ranks get here.
-        gc.collect()
+        # where gloo's threads abort the process): process_group collects; both ranks meet.
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
-def _loopback_interface():
-    names = [name for _, name in socket.if_nameindex() if name.startswith("lo")]
-    return names[0] if names else None
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """Spawn the two ranks once; return what each saved, indexed by rank."""
-    out_dir = tmp_path_factory.mktemp("ddp")
-    host = "127.0.0.1"
-    # The parent holds the rendezvous store on a port the OS picks (bound to port 0): no race
-    # for a "free" port, and every connection stays on the loopback address.
-    store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=TIMEOUT)
-    previous = os.environ.get("GLOO_SOCKET_IFNAME")
-    loopback = _loopback_interface()
-    if loopback is not None:  # gloo's own connections between the ranks: loopback too
-        os.environ["GLOO_SOCKET_IFNAME"] = loopback
-    try:
-        context = mp.start_processes(
-            _worker,
-            args=(host, store.port, str(out_dir)),
-            nprocs=WORLD,
-            join=False,
-            start_method="spawn",
-        )
-        deadline = time.monotonic() + DEADLINE_S
-        try:
-            while not context.join(timeout=0.5):
-                if time.monotonic() > deadline:
-                    pytest.fail(f"the DDP ranks did not finish within {DEADLINE_S} s")
-        finally:
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-                process.join(timeout=10)
-    finally:
-        if loopback is not None:
-            if previous is None:
-                os.environ.pop("GLOO_SOCKET_IFNAME", None)
-            else:
-                os.environ["GLOO_SOCKET_IFNAME"] = previous
-        del store
-    results = [torch.load(out_dir / f"rank{rank}.pt") for rank in range(WORLD)]
-    assert [r["rank"] for r in results] == list(range(WORLD))
-    return results
+    return spawn(_worker, tmp_path_factory.mktemp("ddp"), TIMEOUT, DEADLINE_S)
 
 
 def _noisy_steps(run):

@@ -38,6 +38,7 @@ from fsdp_cases import (
     run_tensor_parallel,
     spawn,
 )
+from ranks import listed, reports
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
@@ -72,65 +73,52 @@ def ranks(tmp_path_factory):
     return spawn(_worker, tmp_path_factory.mktemp("fsdp"), TIMEOUT, DEADLINE_S)
 
 
-def _reports(ranks: list[dict], name: str) -> list[dict]:
-    """Both ranks' reports of one case; fails with a rank's traceback if it raised."""
-    reports = [rank[name] for rank in ranks]
-    for rank, report in enumerate(reports):
-        assert report["error"] is None, f"rank {rank} raised:\n{report['error']}"
-    return reports
-
-
-def _listed(rank: int, problems: list[str]) -> str:
-    shown = "\n  ".join(problems[:8])
-    return f"rank {rank}, {len(problems)} found:\n  {shown}"
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_each_forward_sees_the_unsharded_w_plus_eps_bitwise(ranks, name):
-    for rank, report in enumerate(_reports(ranks, name)):
+    for rank, report in enumerate(reports(ranks, name)):
         assert report["targets"] == TARGETS  # logical shapes of the whole weights, not shards
         assert report["ref_targets"] == TARGETS
         assert report["compared"] >= STEPS * MICRO * len(TARGETS)
-        assert report["seen"] == [], _listed(rank, report["seen"])
-        assert report["noiseless"] == [], _listed(rank, report["noiseless"])
+        assert report["seen"] == [], listed(rank, report["seen"])
+        assert report["noiseless"] == [], listed(rank, report["noiseless"])
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_the_averaged_gradient_is_the_mean_of_the_unsharded_references(ranks, name):
-    for rank, report in enumerate(_reports(ranks, name)):
-        assert report["grads"] == [], _listed(rank, report["grads"])
+    for rank, report in enumerate(reports(ranks, name)):
+        assert report["grads"] == [], listed(rank, report["grads"])
 
 
 @pytest.mark.parametrize("name", [case.name for case in CASES if case.layout == "blocks"])
 def test_with_whole_blocks_as_units_the_averaged_gradient_is_bitwise_the_references(ranks, name):
     # FSDP's units end where the residual blocks do, so each input's gradient is summed in the
     # unsharded model's order; two ranks average exactly (a + b = b + a, halving is exact).
-    for rank, report in enumerate(_reports(ranks, name)):
+    for rank, report in enumerate(reports(ranks, name)):
         assert report["grad_bitwise"], f"rank {rank}: max |diff| {report['grad_max_diff']:.3g}"
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_the_gathered_parameters_stay_those_of_an_unsharded_run(ranks, name):
-    for rank, report in enumerate(_reports(ranks, name)):
-        assert report["solo"] == [], _listed(rank, report["solo"])
+    for rank, report in enumerate(reports(ranks, name)):
+        assert report["solo"] == [], listed(rank, report["solo"])
         assert report["num_steps"] == STEPS
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_frozen_shards_stay_bitwise_unchanged_and_unmoved(ranks, name):
-    for rank, report in enumerate(_reports(ranks, name)):
+    for rank, report in enumerate(reports(ranks, name)):
         assert report["frozen_count"] >= 2 * len(HIDDEN) * 2  # weight and bias of every layer
-        assert report["frozen_moved"] == [], _listed(rank, report["frozen_moved"])
+        assert report["frozen_moved"] == [], listed(rank, report["frozen_moved"])
         # Between the forward and the backward, and after the step, every target module holds
         # FSDP's sharded parameter or FSDP's unsharded clean one: no W + ε, no freed storage.
-        assert report["held"] == [], _listed(rank, report["held"])
-        assert report["eval"] == [], _listed(rank, report["eval"])
+        assert report["held"] == [], listed(rank, report["held"])
+        assert report["eval"] == [], listed(rank, report["eval"])
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_ranks_draw_their_own_noise_unless_told_otherwise(ranks, name):
     case = next(c for c in CASES if c.name == name)
-    first, second = (report["first_seen"] for report in _reports(ranks, name))
+    first, second = (report["first_seen"] for report in reports(ranks, name))
     sigmas = ranks[0][name]["sigmas"]
     assert len(first) == len(second) == len(sigmas) == STEPS
     for a, b, sigma in zip(first, second, sigmas):
@@ -145,12 +133,12 @@ def test_ranks_draw_their_own_noise_unless_told_otherwise(ranks, name):
 @pytest.mark.parametrize("name", NAMES)
 def test_the_schedule_counts_optimizer_steps(ranks, name):
     ramp = [0.5 * (1 - math.cos(math.pi * min(t, TOTAL_STEPS) / TOTAL_STEPS)) for t in range(STEPS)]
-    for report in _reports(ranks, name):
+    for report in reports(ranks, name):
         assert report["sigmas"] == pytest.approx([SIGMA * factor for factor in ramp])
 
 
 def test_a_distributed_checkpoint_resumes_bit_for_bit(ranks):
-    for rank, report in enumerate(_reports(ranks, "resume")):
+    for rank, report in enumerate(reports(ranks, "resume")):
         straight, resumed = report["straight"], report["resumed"]
         assert report["loaded"] == RESUME_AT
         assert resumed["num_steps"] == straight["num_steps"] == STEPS
@@ -171,14 +159,14 @@ def test_a_distributed_checkpoint_resumes_bit_for_bit(ranks):
 def test_fsdp1_is_refused_with_a_pointer_to_fully_shard(ranks, model, head):
     """Built on the FSDP1 wrapper or on the module inside it (as on ``ddp.module``)."""
     key = f"{model}{', dense head' if head else ''}"
-    for rank, report in enumerate(_reports(ranks, "fsdp1")):
+    for rank, report in enumerate(reports(ranks, "fsdp1")):
         raised, message = report["built"][key]
         assert raised == "TypeError", f"rank {rank}: nothing raised; W + ε vs unsharded: {message}"
         assert "FSDP1" in message and "fully_shard" in message, message
 
 
 def test_a_weight_still_sharded_inside_its_forward_is_refused(ranks):
-    for rank, report in enumerate(_reports(ranks, "tensor_parallel")):
+    for rank, report in enumerate(reports(ranks, "tensor_parallel")):
         # Step 0 (σ_0 = 0) perturbs nothing and runs; step 1 refuses the sharded weight.
         assert report["steps"] == 1, f"rank {rank}: {report}"
         assert report["raised"] == "RuntimeError", f"rank {rank}: {report}"

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from fsdp_cases import MICRO, STEPS, Case, Run, Setup, in_group, process_group, spawn
+from ranks import listed, reports
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torchtune import modules, training
@@ -123,55 +124,44 @@ def ranks(tmp_path_factory):
     return spawn(_worker, tmp_path_factory.mktemp("torchtune_fsdp"), TIMEOUT, DEADLINE_S)
 
 
-def _reports(ranks: list[dict], name: str) -> list[dict]:
-    reports = [rank[name] for rank in ranks]
-    for rank, report in enumerate(reports):
-        assert report["error"] is None, f"rank {rank} raised:\n{report['error']}"
-    return reports
-
-
-def _listed(rank: int, problems: list[str]) -> str:
-    return f"rank {rank}, {len(problems)} found:\n  " + "\n  ".join(problems[:8])
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_each_forward_sees_the_unsharded_w_plus_eps_bitwise(ranks, name):
-    for rank, report in enumerate(_reports(ranks, name)):
+    for rank, report in enumerate(reports(ranks, name)):
         names = [target for target, _ in report["targets"]]
         assert len(names) == 4 + 3 + 1  # q, k, v, output_proj; w1, w2, w3; output
         assert all(n.startswith("layers.0.") for n in names[:-1]) and names[-1] == "output"
         assert report["targets"] == report["ref_targets"]  # the whole weights' shapes
         assert report["compared"] >= STEPS * MICRO * len(names)
-        assert report["seen"] == [], _listed(rank, report["seen"])
-        assert report["noiseless"] == [], _listed(rank, report["noiseless"])
+        assert report["seen"] == [], listed(rank, report["seen"])
+        assert report["noiseless"] == [], listed(rank, report["noiseless"])
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_the_averaged_gradient_is_the_mean_of_the_unsharded_references(ranks, name):
-    for rank, report in enumerate(_reports(ranks, name)):
-        assert report["grads"] == [], _listed(rank, report["grads"])
+    for rank, report in enumerate(reports(ranks, name)):
+        assert report["grads"] == [], listed(rank, report["grads"])
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_the_gathered_lora_factors_stay_those_of_an_unsharded_run(ranks, name):
-    for rank, report in enumerate(_reports(ranks, name)):
-        assert report["solo"] == [], _listed(rank, report["solo"])
+    for rank, report in enumerate(reports(ranks, name)):
+        assert report["solo"] == [], listed(rank, report["solo"])
         assert report["num_steps"] == STEPS
         assert all(".lora_" in n for n in report["final"])  # the factors are what trained
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_frozen_shards_stay_bitwise_unchanged_and_unmoved(ranks, name):
-    for rank, report in enumerate(_reports(ranks, name)):
+    for rank, report in enumerate(reports(ranks, name)):
         assert report["frozen_count"] > 8  # every base weight, the norms, the embedding
-        assert report["frozen_moved"] == [], _listed(rank, report["frozen_moved"])
-        assert report["held"] == [], _listed(rank, report["held"])
-        assert report["eval"] == [], _listed(rank, report["eval"])
+        assert report["frozen_moved"] == [], listed(rank, report["frozen_moved"])
+        assert report["held"] == [], listed(rank, report["held"])
+        assert report["eval"] == [], listed(rank, report["eval"])
 
 
 def test_ranks_draw_their_own_noise_unless_told_otherwise(ranks):
     for name in ("shard_model", "shard_model_shared_noise"):
-        first, second = (report["first_seen"] for report in _reports(ranks, name))
+        first, second = (report["first_seen"] for report in reports(ranks, name))
         noisy = [(a, b) for a, b, s in zip(first, second, ranks[0][name]["sigmas"]) if s > 0]
         assert len(noisy) == STEPS - 1
         same = [torch.equal(a, b) for a, b in noisy]
