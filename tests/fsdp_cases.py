@@ -31,7 +31,7 @@ from ranks import WORLD, process_group, spawn  # noqa: F401 - re-exported
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
@@ -424,6 +424,17 @@ class Run:
             setup.shard(net, mesh)
             self.opt = self._wrap()
         self.names = [name for name, _ in self.opt.targets]
+        # FSDP's lazy initialisation, at the root's first forward, re-allocates uneven shards on
+        # some torch releases (2.8, 2.9): one clean eval forward first, so that the frozen
+        # shards are recorded as FSDP keeps them (flatopt never allocates or writes one).
+        training = net.training
+        net.eval()
+        with torch.no_grad():
+            net(setup.batches(self.rank, 0)[0][0])
+        for module in net.modules():  # back to the shards where reshard_after_forward=False
+            if isinstance(module, FSDPModule):
+                module.reshard()
+        net.train(training)
         self.seen = Recorder(net, self.names, setup.observe)
         self.frozen = {n: _storage(p) for n, p in net.named_parameters() if not p.requires_grad}
         self.sharded = {name: reader(net, name)._parameters["weight"] for name in self.names}
@@ -651,6 +662,11 @@ class Run:
         loaded = self.opt.state_dict()  # the optimizer state just loaded, and flatopt's entry
         loaded["flatopt"] = state["flatopt"]
         self.opt.load_state_dict(loaded)
+        # Loading writes every shard, frozen ones included (DCP's copy; on some torch releases
+        # into new storage): from here on, nothing may move them.
+        self.frozen = {
+            n: _storage(p) for n, p in self.net.named_parameters() if not p.requires_grad
+        }
 
 
 # -- what a rank runs -------------------------------------------------------------------------

@@ -40,10 +40,18 @@ from fsdp_cases import (
 )
 from ranks import listed, reports
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()),
-    reason="needs torch.distributed with the gloo backend",
-)
+_TORCH = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+
+pytestmark = [
+    pytest.mark.skipif(
+        not (dist.is_available() and dist.is_gloo_available()),
+        reason="needs torch.distributed with the gloo backend",
+    ),
+    # On torch 2.8, FSDP2 over gloo sums the gradients of the two ranks where later releases
+    # average them (a factor of 2 at every step, with or without flatopt): the references here
+    # average. FSDP2 is tested, and supported, from torch 2.9 on.
+    pytest.mark.skipif(_TORCH < (2, 9), reason="FSDP2 over gloo averages gradients from torch 2.9"),
+]
 
 TIMEOUT = datetime.timedelta(seconds=30)  # every rendezvous and collective
 DEADLINE_S = 300  # the whole spawn; a stuck run is killed, never left hanging
