@@ -27,8 +27,8 @@ from .adapters import Target
 from .noise import (
     DENSE_ROW_NORMS,
     _broadcast,
-    _noise_std,
     _perturbed_weight,
+    _row_norms,
     base_row_sq,
     draw_noise,
     row_dim,
@@ -48,11 +48,10 @@ __all__ = [
 _C = torch._C._autograd
 _push_hooks = _C._push_saved_tensors_default_hooks
 _pop_hooks = _C._pop_saved_tensors_default_hooks
-_top_hooks = getattr(_C, "_top_saved_tensors_default_hooks", None)
-_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+_top_hooks = _C._top_saved_tensors_default_hooks  # torch >= 2.8, hence flatopt's bound
 _functorch = torch._C._functorch
-_is_wrapped = getattr(_functorch, "is_functorch_wrapped_tensor", lambda t: False)
-_in_transform = getattr(_functorch, "peek_interpreter_stack", lambda: None)
+_is_wrapped = _functorch.is_functorch_wrapped_tensor
+_in_transform = _functorch.peek_interpreter_stack
 
 
 def _unwrap(tensor: Any) -> Any:
@@ -162,9 +161,8 @@ class Site:
             for reader in self.readers:
                 self._check_quantized(reader, weight)
 
-    def _check_quantized(self, reader: Reader, weight: Tensor) -> Any:
-        op = reader.op(weight)
-        if op is None or dequantized(weight) is None:
+    def _check_quantized(self, reader: Reader, weight: Tensor) -> None:
+        if reader.op(weight) is None or dequantized(weight) is None:
             raise ValueError(
                 f"Module {reader.name!r}: {type(reader.target.module).__name__}."
                 f"{reader.target.param_name} is a {type(weight).__name__} of dtype "
@@ -173,7 +171,6 @@ class Site:
                 "that can be dequantized (.dequantize()); this one is neither. Exclude the "
                 "layer, or dequantize its base weight."
             )
-        return op
 
     def std(self, sigma: float, weight: Tensor, unwrap: bool = False) -> Tensor:
         """The per-row noise std σ·‖W'_i‖/√n, from ``weight`` (the tensor the forward reads).
@@ -196,7 +193,7 @@ class Site:
                     self._base_key = key
                 base_sq = self._base_sq
             scale = std_scale(dense, sigma, self.transposed)
-            return _noise_std(dense, delta, scale, self.transposed, base_sq)
+            return _row_norms(dense, delta, self.transposed, base_sq, scale)
         finally:
             if grad:
                 torch._C._set_grad_enabled(True)
@@ -331,17 +328,7 @@ class _StateDictHook:
         return (_StateDictHook, (self.slot,))
 
 
-def _not_compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
-    # torch.compile must run the armed path eagerly, frames below it included: it draws
-    # noise and enters saved-tensor hooks. The unarmed test in the hooks above is plain
-    # Python that compiles away, and costs no wrapper call.
-    disable = getattr(getattr(torch, "compiler", None), "disable", None)
-    return disable(fn) if disable is not None else fn
-
-
-_is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or getattr(
-    torch._dynamo, "is_compiling", lambda: False
-)
+_is_compiling = torch.compiler.is_compiling
 
 
 def _pre(slot: _Slot, module: nn.Module) -> None:
@@ -378,11 +365,15 @@ _post_compiled: Callable[..., Any] = _post
 
 
 def _compile_proof() -> None:
-    # Deferred to the first hook: torch.compiler.disable imports torch._dynamo (about a second).
+    # torch.compile must run the armed path eagerly, frames below it included: it draws noise
+    # and enters saved-tensor hooks. The unarmed test in the hooks is plain Python that
+    # compiles away, and costs no wrapper call. Deferred to the first hook:
+    # torch.compiler.disable imports torch._dynamo.
     global _pre_compiled, _post_compiled, _next_draw_compiled
     if _pre_compiled is _pre:
-        _pre_compiled, _post_compiled = _not_compiled(_pre), _not_compiled(_post)
-        _next_draw_compiled = _not_compiled(_next_draw)
+        disable = torch.compiler.disable
+        _pre_compiled, _post_compiled = disable(_pre), disable(_post)
+        _next_draw_compiled = disable(_next_draw)
 
 
 def _undo(frame: list[Any]) -> None:
@@ -455,7 +446,7 @@ def remove_hooks(model: nn.Module) -> int:
 
 
 def drop_hooks(module: nn.Module) -> None:
-    """Take flatopt's two hooks off one module (nothing may be armed on it)."""
+    """Take flatopt's hooks off one module (nothing may be armed on it)."""
     slot = find_slot(module)
     for hooks in (module._forward_pre_hooks, module._forward_hooks, module._state_dict_pre_hooks):
         for key in [
@@ -510,7 +501,7 @@ def root_hook(model: nn.Module, owner: Any) -> None:
 
 def outside_backward() -> bool:
     """True unless autograd is running a backward (e.g. re-running a checkpointed forward)."""
-    return _graph_task_id() == -1
+    return torch._C._current_graph_task_id() == -1
 
 
 # -- one armed weight -----------------------------------------------------------------------
@@ -545,18 +536,16 @@ class Noise:
         std: Tensor,
         seed: int,
         generator: torch.Generator,
+        weight: Tensor,
         transposed: bool,
         keep: Optional[int] = None,
-        ndim: int = 2,
     ):
         self.std = std
         self.seed = seed
         self.generator = generator
         self.transposed = transposed
         self.keep = keep
-        shape = [1] * ndim
-        shape[row_dim(std, transposed) if ndim > 1 else 0] = -1
-        self.scale = std.view(shape)  # the std broadcast to the weight's storage layout
+        self.scale = _broadcast(std, weight, transposed)  # the std in W's storage layout
 
     def epsilon(self, weight: Tensor, dtype: torch.dtype) -> Tensor:
         """ε itself, drawn in ``dtype``: for quantized weights, which have no float dtype."""
@@ -573,12 +562,9 @@ class Noise:
 
     def apply(self, weight: Tensor) -> Tensor:
         """W + ε, a new tensor; grad mode must be off if W requires grad."""
-        scale = (
-            self.scale
-            if self.scale.ndim == weight.ndim
-            else _broadcast(self.std, weight, self.transposed)
+        return _perturbed_weight(
+            weight, self.scale, self.generator, self.seed, _parallel, self.keep
         )
-        return _perturbed_weight(weight, scale, self.generator, self.seed, _parallel, self.keep)
 
 
 class _PerturbedWeight(torch.autograd.Function):
@@ -687,15 +673,15 @@ class _Swap:
             _write(reader.owner, reader.attr, entry.weight)
         # A forward re-run inside backward entered its hooks in autograd's own copy of the
         # thread state, which is gone by now: pop them only if they are still on top.
-        top = _top_hooks(False) if _top_hooks is not None and entry.hooks is not None else None
+        top = _top_hooks(False) if entry.hooks is not None else None
         if top is not None and top[0] is entry.hooks:
             _pop_hooks()
 
     def _output_noise(self, weight: Tensor, args: Any, kwargs: Any, output: Any) -> Any:
+        if output is None:
+            return output
         x = args[0] if args else kwargs.get("input")
-        if output is None or x is None:
-            if output is None:
-                return output
+        if x is None:
             raise TypeError(
                 f"Module {self.reader.name!r} was called without its input tensor as the first "
                 "argument or input=...; flatopt's output-side noise for quantized weights needs "
@@ -717,7 +703,7 @@ def _packer(noise: Noise, weight: Tensor, perturbed: Tensor, name: str) -> Calla
     # Only plain facts about W + ε are captured: holding the tensor would keep it alive.
     ptr, device, dtype = perturbed.data_ptr(), perturbed.device, perturbed.dtype
     version = weight._version
-    outer = _top_hooks(False) if _top_hooks is not None else None
+    outer = _top_hooks(False)
 
     def pack(saved: Tensor) -> Any:
         if (
@@ -822,9 +808,8 @@ class Arming:
                 std = self._stds[site.index] = site.std(self.sigma, weight, unwrap)
             generator = self._generators(weight.device)
             keep = site.readers[0].keep
-            noise = Noise(
-                std, self._seed_of(site.index), generator, site.transposed, keep, weight.ndim
-            )
+            seed = self._seed_of(site.index)
+            noise = Noise(std, seed, generator, weight, site.transposed, keep)
             self._noises[site.index] = noise
         return noise
 

@@ -266,27 +266,36 @@ def row_norms(
 
 
 def _row_norms(
-    weight: Tensor, delta: Delta, transposed: bool, base_sq: Tensor | None = None
+    weight: Tensor,
+    delta: Delta,
+    transposed: bool,
+    base_sq: Tensor | None = None,
+    scale: float = 1.0,
 ) -> Tensor:
+    """``scale`` · ‖W'_i,:‖ with grad mode already off (``row_norms`` is ``scale`` = 1)."""
     acc = _accumulate_dtype(weight)
     if isinstance(delta, Tensor):
-        return base_row_sq(weight.to(acc) + delta.to(acc), transposed).sqrt_()
+        norms = base_row_sq(weight.to(acc) + delta.to(acc), transposed).sqrt_()
+        return norms if scale == 1.0 else norms.mul_(scale)
     factors = _merged_factors(delta, acc)
     if factors is None:
-        return (base_row_sq(weight, transposed) if base_sq is None else base_sq).sqrt()
-    B, A, scale = factors
+        norms = (base_row_sq(weight, transposed) if base_sq is None else base_sq).sqrt()
+        return norms if scale == 1.0 else norms.mul_(scale)
+    B, A, factor = factors
+    B, A = _as(B, acc), _as(A, acc)
     if weight.numel() <= DENSE_ROW_NORMS:
-        # W' itself, in acc precision (a new tensor: W is never written).
-        matrix = _logical_matrix(weight, transposed)
-        merged = torch.addmm(_as(matrix, acc), _as(B, acc), _as(A, acc), alpha=scale)
+        # c·W' itself, in acc precision (a new tensor: W is never written): ‖c·W'_i‖ = c·‖W'_i‖
+        # for c > 0, so the scale rides in the addmm.
+        matrix = _as(_logical_matrix(weight, transposed), acc)
+        merged = torch.addmm(matrix, B, A, beta=scale, alpha=scale * factor)
         return torch.linalg.vector_norm(merged, dim=1)
     if base_sq is None:
         base_sq = base_row_sq(weight, transposed)
-    WA = _weight_times(weight, A.to(weight.dtype if weight.dtype == acc else acc), transposed, acc)
-    B, A = B.to(acc), A.to(acc)
+    WA = _weight_times(weight, A, transposed, acc)
     # ‖W_i + s·B_i·A‖² = ‖W_i‖² + B_i·(2s·(W·Aᵀ)_i + s²·(B·A·Aᵀ)_i)
-    inner = torch.addmm(WA, B, A @ A.t(), beta=2 * scale, alpha=scale * scale)
-    return (base_sq + torch.linalg.vecdot(B, inner)).clamp_min_(0).sqrt_()
+    inner = torch.addmm(WA, B, A @ A.t(), beta=2 * factor, alpha=factor * factor)
+    norms = (base_sq + torch.linalg.vecdot(B, inner)).clamp_min_(0).sqrt_()
+    return norms if scale == 1.0 else norms.mul_(scale)
 
 
 def noise_std(
@@ -308,7 +317,7 @@ def noise_std(
     if grad:
         torch._C._set_grad_enabled(False)
     try:
-        return _noise_std(weight, delta, scale, transposed, base_sq)
+        return _row_norms(weight, delta, transposed, base_sq, scale)
     finally:
         if grad:
             torch._C._set_grad_enabled(True)
@@ -319,22 +328,6 @@ def std_scale(weight: Tensor, sigma: float, transposed: bool = False) -> float:
     rows = weight.shape[row_dim(weight, transposed)]
     fan_in = weight.numel() // max(rows, 1)
     return sigma / math.sqrt(max(fan_in, 1))
-
-
-def _noise_std(
-    weight: Tensor, delta: Delta, scale: float, transposed: bool, base_sq: Tensor | None = None
-) -> Tensor:
-    """`noise_std` with grad mode already off and the scale σ/√n given."""
-    if weight.numel() <= DENSE_ROW_NORMS and not isinstance(delta, Tensor):
-        factors = _merged_factors(delta, _accumulate_dtype(weight))
-        if factors is not None:
-            # ‖c·W'_i‖ = c·‖W'_i‖ for c = σ/√n > 0: the scale rides in the addmm.
-            B, A, factor = factors
-            acc = _accumulate_dtype(weight)
-            matrix = _as(_logical_matrix(weight, transposed), acc)
-            merged = torch.addmm(matrix, _as(B, acc), _as(A, acc), beta=scale, alpha=scale * factor)
-            return torch.linalg.vector_norm(merged, dim=1)
-    return _row_norms(weight, delta, transposed, base_sq).mul_(scale)
 
 
 def _broadcast(std: Tensor, weight: Tensor, transposed: bool) -> Tensor:

@@ -103,8 +103,7 @@ class _State:
         self.step = 0  # completed optimizer steps: the schedule's t
         self.draw = 0  # draws in this step, for resample="call"
         self.arming: Optional[Arming] = None
-        self.stds: dict[int, Tensor] = {}  # per-site std of the step `stds_step`
-        self.stds_step = -1
+        self.stds: dict[int, Tensor] = {}  # per-site std of the current step, set lazily
         self.generators = Generators()
         self.perturbed_step = False  # perturb() ran since the last step()
         self.calls_step = 0  # target forwards that ran perturbed since the last step()
@@ -126,11 +125,11 @@ class _State:
         self.sites = build_sites(find_targets(self.model, self.adapters), roots, indexed)
         current = {id(r.slot) for site in self.sites for r in site.readers}
         for slot in old_slots:  # a module no longer in the model no longer arms anything
-            if id(slot) not in current and slot.owner is not None and slot.owner() is self:
-                slot.auto, slot.owner = False, None
             if id(slot) not in current:
                 slot.watch = False
-        self.stds, self.stds_step = {}, -1
+                if slot.owner is not None and slot.owner() is self:
+                    slot.auto, slot.owner = False, None
+        self.stds = {}
         for site in self.sites:
             for reader in site.readers:
                 if self.auto:
@@ -165,8 +164,6 @@ class _State:
     def arm(self, auto: bool) -> None:
         self.check_model()
         sigma = self.sigma_t()
-        if self.stds_step != self.step:
-            self.stds, self.stds_step = {}, self.step
         draw = self.draw if self.resample == "call" else 0
         rank = _rank() if self.rank_noise else 0
         prefix = step_seed(self.seed, self.step, draw)
@@ -578,6 +575,7 @@ class FlatPerturb(torch.optim.Optimizer):
                 "first call of a torch.compile'd model.",
             )
         state.step += 1
+        state.stds = {}  # the row norms of W' are the next step's to compute
         state.draw = 0
         state.perturbed_step = False
         state.calls_step = 0
@@ -727,7 +725,7 @@ class FlatPerturb(torch.optim.Optimizer):
             return
         for key, value in settings.items():
             setattr(state, key, value)
-        state.stds, state.stds_step = {}, -1
+        state.stds = {}
         state.perturbed_step, state.calls_step = False, 0
 
     # -- copies and pickles -----------------------------------------------------------------
