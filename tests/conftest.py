@@ -137,3 +137,12 @@ def device(request: pytest.FixtureRequest) -> str:
     if request.param == "cuda":
         _deterministic_cuda()
     return request.param
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared CPU: extra threads only add synchronisation."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

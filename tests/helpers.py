@@ -224,3 +224,16 @@ def assert_nothing_armed(model: nn.Module) -> None:
             assert not slot.swaps, f"{name!r} is still armed"
             assert not slot.frames, f"{name!r} has a call in flight"
     assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+
+
+def tiny_lora(seed: int = 0) -> nn.Module:
+    """``LoRALinear(6, 8) -> Tanh -> LoRALinear(8, 3)``, drawn from ``seed``."""
+    return build("lora", torch.float32, 8, 6, 2, seed)[0]
+
+
+def toy_batches(count: int, rows: int = 4, seed: int = 1) -> list[tuple[Tensor, Tensor]]:
+    """``count`` (input, target) pairs for `tiny_lora`, drawn from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(rows, 6, generator=g), torch.randn(rows, 3, generator=g)) for _ in range(count)
+    ]

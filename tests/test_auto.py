@@ -18,11 +18,12 @@ from helpers import (
     assert_nothing_armed,
     assert_untouched,
     bits_equal,
-    build,
     frozen_names,
     lora_forward,
     record_reads,
     snapshot,
+    tiny_lora,
+    toy_batches,
 )
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -30,25 +31,7 @@ from torch.utils.checkpoint import checkpoint
 import flatopt
 from flatopt.lora import LoRALinear, add_lora
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _model(seed=0):
-    """``LoRALinear(6, 8) -> Tanh -> LoRALinear(8, 3)``."""
-    return build("lora", torch.float32, 8, 6, 2, seed)[0]
-
-
-def _batches(count, rows=4, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [
-        (torch.randn(rows, 6, generator=g), torch.randn(rows, 3, generator=g)) for _ in range(count)
-    ]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _wrap(model, inner="adamw", **kwargs):
@@ -76,8 +59,8 @@ def _loss(model, x, y):
 
 
 def test_training_forwards_see_the_step_noise_and_eval_forwards_see_w():
-    ((x, _),) = _batches(1)
-    explicit_model, auto_model = _model(), _model()
+    ((x, _),) = toy_batches(1)
+    explicit_model, auto_model = tiny_lora(), tiny_lora()
     explicit, auto = _wrap(explicit_model), _wrap(auto_model, auto=True)
     want, seen = record_reads(explicit_model[0].base), record_reads(auto_model[0].base)
     with explicit.perturbed():
@@ -107,12 +90,12 @@ def test_an_auto_run_is_bitwise_the_explicit_loop(resample, micro):
     """Same seed, same bits: every read, every parameter, with gradient accumulation."""
     runs = {}
     for auto in (False, True):
-        model = _model()
+        model = tiny_lora()
         opt = _wrap(model, auto=auto, resample=resample, schedule="cosine", total_steps=3)
         seen, reads = record_reads(model[0].base), record_reads(model[2].base)
         start = snapshot(model)
         for step in range(4):
-            for x, y in _batches(micro, seed=step):
+            for x, y in toy_batches(micro, seed=step):
                 if auto:
                     (_loss(model, x, y) / micro).backward()
                 else:
@@ -131,8 +114,8 @@ def test_an_auto_run_is_bitwise_the_explicit_loop(resample, micro):
 
 
 def test_call_resampling_draws_at_each_training_forward_of_the_model():
-    ((x, _),) = _batches(1)
-    explicit_model, auto_model = _model(), _model()
+    ((x, _),) = toy_batches(1)
+    explicit_model, auto_model = tiny_lora(), tiny_lora()
     explicit, _auto = (
         _wrap(explicit_model, resample="call"),
         _wrap(auto_model, resample="call", auto=True),
@@ -157,10 +140,10 @@ def test_call_resampling_draws_at_each_training_forward_of_the_model():
 def test_step_with_a_closure_in_auto_mode_is_the_explicit_closure_step(resample):
     runs = {}
     for auto in (False, True):
-        model = _model()
+        model = tiny_lora()
         opt = _wrap(model, auto=auto, resample=resample)
         seen = record_reads(model[0].base)
-        for x, y in _batches(3):
+        for x, y in toy_batches(3):
 
             def closure(x=x, y=y, opt=opt, model=model):
                 opt.zero_grad()
@@ -181,10 +164,10 @@ def test_lightning_automatic_accumulation_perturbs_every_micro_batch():
     """accumulate_grad_batches=2: one micro-batch outside step(), one inside step(closure)."""
     runs = {}
     for auto in (False, True):
-        model = _model()
+        model = tiny_lora()
         opt = _wrap(model, auto=auto)
         seen = record_reads(model[0].base)
-        batches = _batches(6)
+        batches = toy_batches(6)
         for first, second in zip(batches[::2], batches[1::2]):
             if auto:
                 (_loss(model, *first) / 2).backward()  # the accumulating micro-batch
@@ -203,11 +186,11 @@ def test_lightning_automatic_accumulation_perturbs_every_micro_batch():
 
 
 def test_state_dict_works_while_armed_and_load_state_dict_disarms():
-    model = _model()
+    model = tiny_lora()
     # lr = 0: W' stays put, so two reads are equal exactly when their step counts are.
     opt = _wrap(model, inner=lambda params: torch.optim.SGD(params, lr=0.0), auto=True)
     seen = record_reads(model[0].base)
-    batches = _batches(3)
+    batches = toy_batches(3)
     start = opt.state_dict()
     for x, y in batches[:2]:
         _loss(model, x, y).backward()
@@ -232,11 +215,11 @@ def test_state_dict_works_while_armed_and_load_state_dict_disarms():
 def test_a_step_the_grad_scaler_skips_is_the_explicit_one():
     runs = {}
     for auto in (False, True):
-        model = _model()
+        model = tiny_lora()
         opt = _wrap(model, auto=auto, schedule="linear", total_steps=4)
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=10**6)
         seen = record_reads(model[0].base)
-        for index, (x, y) in enumerate(_batches(5)):
+        for index, (x, y) in enumerate(toy_batches(5)):
             if index == 2:
                 x = x.clone()
                 x[0, 0] = float("inf")
@@ -287,7 +270,7 @@ def test_activation_checkpointing_in_auto_mode_is_the_explicit_loop(reentrant, r
         opt = _wrap(model, auto=auto, resample=resample)
         seen = record_reads(model.block[0].base)
         for _ in range(2):
-            for x, y in _batches(2):
+            for x, y in toy_batches(2):
                 if auto:
                     _loss(model, x, y).backward()
                 else:
@@ -307,10 +290,10 @@ def test_a_compiled_model_in_auto_mode_trains_like_the_explicit_loop():
     torch._dynamo.reset()
     runs = {}
     for auto in (False, True):
-        model = _model()
+        model = tiny_lora()
         opt = _wrap(model, auto=auto)
         compiled = torch.compile(model, backend="eager")
-        for x, y in _batches(3):
+        for x, y in toy_batches(3):
             if auto:
                 _loss(compiled, x, y).backward()
             else:
@@ -319,16 +302,16 @@ def test_a_compiled_model_in_auto_mode_trains_like_the_explicit_loop():
             opt.step()
             opt.zero_grad()
         compiled.eval()
-        ((x, _),) = _batches(1)
+        ((x, _),) = toy_batches(1)
         assert bits_equal(compiled(x), lora_forward(model, x))  # evaluation sees W
         runs[auto] = _params(model)
     # One compiled graph per mode: the same operations, so the same bits.
     assert _same(runs[True], runs[False])
-    assert not _same(runs[True], _params(_model()))
+    assert not _same(runs[True], _params(tiny_lora()))
 
 
 def test_perturb_and_restore_on_an_auto_wrapper_raise():
-    model = _model()
+    model = tiny_lora()
     opt = _wrap(model, auto=True)
     with pytest.raises(RuntimeError, match="auto=True"):
         opt.perturb()
@@ -351,9 +334,9 @@ def _warnings_of(action):
 
 
 def test_an_explicit_step_without_perturb_warns_once_per_wrapper_naming_auto():
-    model = _model()
+    model = tiny_lora()
     opt = _wrap(model, schedule="linear", total_steps=4)
-    ((x, y),) = _batches(1)
+    ((x, y),) = toy_batches(1)
 
     def bare_step():
         _loss(model, x, y).backward()
@@ -369,9 +352,9 @@ def test_an_explicit_step_without_perturb_warns_once_per_wrapper_naming_auto():
 
 
 def test_steps_with_perturb_or_a_closure_do_not_warn():
-    model = _model()
+    model = tiny_lora()
     opt = _wrap(model)
-    ((x, y),) = _batches(1)
+    ((x, y),) = toy_batches(1)
 
     def perturbed_step():
         with opt.perturbed():
@@ -387,9 +370,9 @@ def test_steps_with_perturb_or_a_closure_do_not_warn():
 
 
 def test_an_auto_step_with_no_perturbed_forward_warns_once():
-    model = _model()
+    model = tiny_lora()
     opt = _wrap(model, auto=True, schedule="linear", total_steps=4)
-    ((x, y),) = _batches(1)
+    ((x, y),) = toy_batches(1)
 
     def eval_step():
         model.eval()
@@ -410,9 +393,9 @@ def test_an_auto_step_with_no_perturbed_forward_warns_once():
 
 
 def test_an_explicit_step_with_micro_batches_outside_perturb_warns_once():
-    model = _model()
+    model = tiny_lora()
     opt = _wrap(model)
-    (x, y), (x2, y2) = _batches(2)
+    (x, y), (x2, y2) = toy_batches(2)
 
     def partly_perturbed_step():
         with opt.perturbed():
@@ -431,9 +414,9 @@ def test_an_explicit_step_with_micro_batches_outside_perturb_warns_once():
 
 def test_explicit_accumulation_with_micro_batches_outside_the_closure_warns_once():
     """Lightning's automatic optimization under explicit mode: only step(closure) perturbs."""
-    model = _model()
+    model = tiny_lora()
     opt = _wrap(model)
-    (x, y), (x2, y2) = _batches(2)
+    (x, y), (x2, y2) = toy_batches(2)
 
     def accumulated_step():
         F.mse_loss(model(x), y).backward()  # the accumulating micro-batch: clean
@@ -450,9 +433,9 @@ def test_explicit_accumulation_with_micro_batches_outside_the_closure_warns_once
 
 @pytest.mark.parametrize("resample", ["step", "call"])
 def test_a_no_op_closure_after_perturb_neither_warns_nor_arms_again(resample):
-    model = _model()
+    model = tiny_lora()
     opt = _wrap(model, resample=resample)
-    ((x, y),) = _batches(1)
+    ((x, y),) = toy_batches(1)
     calls = []
 
     def do_nothing():  # what Lightning passes to step() under manual optimization
@@ -536,7 +519,7 @@ class AcceleratedStyleOptimizer(torch.optim.Optimizer):
 
 
 def test_unwrap_finds_the_flatperturb_inside_framework_wrappers():
-    model = _model()
+    model = tiny_lora()
     opt = _wrap(model)
     lightning = LightningStyleOptimizer(opt)
     accelerated = AcceleratedStyleOptimizer(opt)
@@ -554,14 +537,14 @@ def test_lightning_manual_optimization_is_the_plain_loop():
     """perturb(), manual backward, restore() on the wrapper; its step passes a no-op closure."""
     runs = {}
     for wrapped in (False, True):
-        model = _model()
+        model = tiny_lora()
         opt = _wrap(model, resample="call")  # the draw counter must not fork
         handle = LightningStyleOptimizer(opt) if wrapped else opt
         seen = record_reads(model[0].base)
 
         def run(handle=handle, opt=opt, model=model):
             for step in range(2):
-                for x, y in _batches(2, seed=step):
+                for x, y in toy_batches(2, seed=step):
                     handle.perturb()
                     assert opt.is_perturbed and handle.is_perturbed
                     _loss(model, x, y).backward()
@@ -577,10 +560,10 @@ def test_lightning_manual_optimization_is_the_plain_loop():
 
 
 def test_a_forgotten_restore_through_the_lightning_wrapper_is_reported_and_undone():
-    model = _model()
+    model = tiny_lora()
     opt = _wrap(model)
     handle = LightningStyleOptimizer(opt)
-    ((x, y),) = _batches(1)
+    ((x, y),) = toy_batches(1)
     params = _params(model)
     handle.perturb()
     _loss(model, x, y).backward()
@@ -599,12 +582,12 @@ def test_a_forgotten_restore_through_the_lightning_wrapper_is_reported_and_undon
 def test_auto_mode_through_an_accelerated_wrapper_is_the_explicit_loop():
     runs = {}
     for auto in (False, True):
-        model = _model()
+        model = tiny_lora()
         opt = _wrap(model, auto=auto)
         handle = AcceleratedStyleOptimizer(opt)
         seen = record_reads(model[0].base)
         for step in range(3):
-            for x, y in _batches(2, seed=step):
+            for x, y in toy_batches(2, seed=step):
                 if auto:
                     (_loss(model, x, y) / 2).backward()
                 else:
@@ -622,12 +605,12 @@ def test_auto_mode_through_an_accelerated_wrapper_is_the_explicit_loop():
 
 
 def test_a_checkpoint_loaded_through_the_lightning_wrapper_loads_without_a_false_warning():
-    model = _model()
+    model = tiny_lora()
     opt = _wrap(model)
     handle = LightningStyleOptimizer(opt)
     saved = handle.state_dict()
     assert saved["flatopt"] == opt.state_dict()["flatopt"]
-    ((x, y),) = _batches(1)
+    ((x, y),) = toy_batches(1)
     with opt.perturbed():
         _loss(model, x, y).backward()
     opt.step()

@@ -28,13 +28,7 @@ import flatopt
 from flatopt.lora import LoRALinear, add_lora
 from flatopt.noise import LowRank, derive_seed, draw_noise, noise_std, perturbed_weight
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _lora(seed=0):

@@ -16,11 +16,12 @@ from helpers import (
     assert_nothing_armed,
     assert_untouched,
     bits_equal,
-    build,
     frozen_names,
     lora_forward,
     record_reads,
     snapshot,
+    tiny_lora,
+    toy_batches,
 )
 from torch import nn
 
@@ -28,25 +29,7 @@ import flatopt
 from flatopt.lora import LoRALinear
 from flatopt.noise import LowRank, derive_seed, noise_std, perturbed_weight
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _model(seed=0):
-    """``LoRALinear(6, 8) -> Tanh -> LoRALinear(8, 3)``."""
-    return build("lora", torch.float32, 8, 6, 2, seed)[0]
-
-
-def _batches(count, rows=4, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [
-        (torch.randn(rows, 6, generator=g), torch.randn(rows, 3, generator=g)) for _ in range(count)
-    ]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _wrap(model, lr=0.02, adapters=(), **kwargs):
@@ -124,11 +107,11 @@ def _round_trip(obj):
 
 @pytest.mark.parametrize("auto", [False, True])
 def test_torch_save_of_a_model_while_its_flatperturb_is_alive_and_after(auto):
-    model = _model()
+    model = tiny_lora()
     opt = _wrap(model, auto=auto)
-    batches = _batches(3)
+    batches = toy_batches(3)
     _train(model, opt, batches[:2], auto)
-    ((x, _),) = _batches(1, seed=9)
+    ((x, _),) = toy_batches(1, seed=9)
 
     loaded = _round_trip(model)  # alive, between steps
     assert _same(_params(loaded), _params(model))
@@ -162,9 +145,9 @@ def test_torch_save_of_a_model_while_its_flatperturb_is_alive_and_after(auto):
 def test_model_and_optimizer_copied_together_continue_bitwise_like_the_original(
     how, auto, resample
 ):
-    model = _model()
+    model = tiny_lora()
     opt = _wrap(model, auto=auto, resample=resample, schedule="cosine", total_steps=4)
-    batches = _batches(5)
+    batches = toy_batches(5)
     _train(model, opt, batches[:2], auto)
     if how == "deepcopy":
         model_copy, opt_copy = copy.deepcopy((model, opt))
@@ -182,9 +165,9 @@ def test_model_and_optimizer_copied_together_continue_bitwise_like_the_original(
 
 
 def test_a_copy_taken_mid_step_in_auto_mode_continues_the_step():
-    model = _model()
+    model = tiny_lora()
     opt = _wrap(model, auto=True, resample="call")
-    (x, y), (x2, y2) = _batches(2)
+    (x, y), (x2, y2) = toy_batches(2)
     F.mse_loss(model(x), y).backward()  # armed, gradients pending
     model_copy, opt_copy = copy.deepcopy((model, opt))
     assert not opt_copy.is_perturbed  # the copy arms itself at its own next forward
@@ -199,9 +182,9 @@ def test_a_copy_taken_mid_step_in_auto_mode_continues_the_step():
 
 
 def test_a_deep_copied_model_alone_gets_inert_hooks():
-    model = _model()
+    model = tiny_lora()
     opt = _wrap(model, auto=True)
-    ((x, y),) = _batches(1)
+    ((x, y),) = toy_batches(1)
     copied = copy.deepcopy(model)
     assert _clean_in_training_mode(copied, x)
     assert not opt.is_perturbed  # the copy's forward did not arm the original
@@ -220,35 +203,35 @@ def _ramp(step):
 
 
 def test_a_lambda_schedule_fails_at_dump_time_and_a_named_one_round_trips():
-    model = _model()
+    model = tiny_lora()
     opt = _wrap(model, schedule=lambda step: 0.5)
     with pytest.raises((pickle.PicklingError, AttributeError), match="lambda"):
         pickle.dumps((model, opt))
-    named = _wrap(_model(), schedule=_fixed_factor)
+    named = _wrap(tiny_lora(), schedule=_fixed_factor)
     loaded = pickle.loads(pickle.dumps(named))
     assert loaded.sigma == named.sigma == 0.15
 
 
 def test_a_dense_adapter_pickles_and_follows_the_copied_model():
-    model = _model()
+    model = tiny_lora()
     model[2].requires_grad_(True)  # a fully trained head, perturbed through dense()
     opt = _wrap(model, adapters=[flatopt.dense(model[2].base)])
     model_copy, opt_copy = pickle.loads(pickle.dumps((model, opt)))
     assert opt_copy.targets == opt.targets
-    ((x, _),) = _batches(1)
+    ((x, _),) = toy_batches(1)
     seen = record_reads(model_copy[2].base)
     with opt_copy.perturbed():
         model_copy(x)
     assert not torch.equal(seen[0], model_copy[2].base.weight)  # the copy's own head
-    lambda_adapter = _wrap(_model(), adapters=[lambda module: None])
+    lambda_adapter = _wrap(tiny_lora(), adapters=[lambda module: None])
     with pytest.raises((pickle.PicklingError, AttributeError), match="lambda"):
         pickle.dumps(lambda_adapter)
 
 
 def test_copying_or_pickling_a_perturbed_flatperturb_raises_at_dump_time():
-    model = _model()
+    model = tiny_lora()
     opt = _wrap(model)
-    ((x, _),) = _batches(1)
+    ((x, _),) = toy_batches(1)
     with opt.perturbed():
         model(x)
         for action in (
@@ -267,9 +250,9 @@ def test_copying_or_pickling_a_perturbed_flatperturb_raises_at_dump_time():
 
 def _two_checkpoints():
     """An optimizer mid-run, and a valid checkpoint of a later, different state of it."""
-    model = _model()
+    model = tiny_lora()
     opt = _wrap(model, schedule="linear", total_steps=10)
-    batches = _batches(4)
+    batches = toy_batches(4)
     _train(model, opt, batches[:1])
     later_model = copy.deepcopy(model)
     later = _wrap(later_model, lr=0.5, seed=99, schedule="linear", total_steps=10)
@@ -353,12 +336,12 @@ def test_a_failing_inner_load_changes_nothing_either():
 
 
 def test_a_callable_schedule_is_compared_by_qualified_name():
-    saved = _wrap(_model(), schedule=_fixed_factor).state_dict()
-    other = _wrap(_model(), schedule=_ramp, seed=5)
+    saved = _wrap(tiny_lora(), schedule=_fixed_factor).state_dict()
+    other = _wrap(tiny_lora(), schedule=_ramp, seed=5)
     with pytest.raises(ValueError, match=r"_fixed_factor.*_ramp"):
         other.load_state_dict(saved)
     assert other.seed == 5
-    same = _wrap(_model(), schedule=_fixed_factor, seed=5)
+    same = _wrap(tiny_lora(), schedule=_fixed_factor, seed=5)
     same.load_state_dict(saved)
     assert same.seed == 3
 
@@ -446,9 +429,9 @@ class Holder(nn.Module):
 
 @pytest.mark.parametrize("auto", [False, True])
 def test_a_replaced_target_is_found_again_with_a_warning(auto):
-    model = _model()
+    model = tiny_lora()
     opt = _wrap(model, auto=auto)
-    ((x, _),) = _batches(1)
+    ((x, _),) = toy_batches(1)
     old = model[2]
     g = torch.Generator().manual_seed(4)
     model[2] = LoRALinear(nn.Linear(8, 5), rank=2)
@@ -468,7 +451,7 @@ def test_a_replaced_target_is_found_again_with_a_warning(auto):
 
 
 def test_a_deleted_target_is_dropped_with_a_warning():
-    model = _model()
+    model = tiny_lora()
     opt = _wrap(model)
     model[2] = nn.Linear(8, 3)  # no LoRA any more
     with pytest.warns(UserWarning, match=r"\['2'\].*now perturbs 1 weights"):
@@ -479,7 +462,7 @@ def test_a_deleted_target_is_dropped_with_a_warning():
 
 
 def test_a_model_left_without_targets_raises_at_perturb_and_arms_nothing():
-    model = _model()
+    model = tiny_lora()
     opt = _wrap(model)
     model[0], model[2] = nn.Linear(6, 8), nn.Linear(8, 3)
     with pytest.raises(ValueError, match="No adapter recognised a LoRA layer"):
@@ -488,9 +471,9 @@ def test_a_model_left_without_targets_raises_at_perturb_and_arms_nothing():
 
 
 def test_a_target_moved_inside_a_wrapper_is_found_again_silently():
-    model, twin = _model(), _model()
+    model, twin = tiny_lora(), tiny_lora()
     opt, twin_opt = _wrap(model), _wrap(twin)
-    ((x, _),) = _batches(1)
+    ((x, _),) = toy_batches(1)
     model[0] = Holder(model[0])
     seen, want = record_reads(model[0].inner.base), record_reads(twin[0].base)
     with warnings.catch_warnings():
@@ -506,9 +489,9 @@ def test_a_target_moved_inside_a_wrapper_is_found_again_silently():
 
 
 def test_step_while_armed_restores_then_raises_and_takes_no_step():
-    model = _model()
+    model = tiny_lora()
     opt = _wrap(model)
-    ((x, y),) = _batches(1)
+    ((x, y),) = toy_batches(1)
     params, start = _params(model), snapshot(model)
     opt.perturb()
     F.mse_loss(model(x), y).backward()
@@ -535,11 +518,11 @@ class FailingAdamW(torch.optim.AdamW):
 
 
 def test_a_failing_inner_step_in_auto_mode_leaves_nothing_armed():
-    model = _model()
+    model = tiny_lora()
     inner = FailingAdamW([p for p in model.parameters() if p.requires_grad], lr=0.02)
     opt = flatopt.FlatPerturb(inner, model, sigma=0.3, schedule="constant", seed=3, auto=True)
     seen = record_reads(model[0].base)
-    ((x, y),) = _batches(1)
+    ((x, y),) = toy_batches(1)
     F.mse_loss(model(x), y).backward()
     with pytest.raises(RuntimeError, match="the inner step failed"):
         opt.step()
@@ -557,9 +540,9 @@ def test_a_failing_inner_step_in_auto_mode_leaves_nothing_armed():
 
 @pytest.mark.parametrize("auto", [False, True])
 def test_a_failing_closure_leaves_nothing_armed(auto):
-    model = _model()
+    model = tiny_lora()
     opt = _wrap(model, auto=auto)
-    ((x, y),) = _batches(1)
+    ((x, y),) = toy_batches(1)
 
     def closure():
         F.mse_loss(model(x), y).backward()
@@ -572,9 +555,9 @@ def test_a_failing_closure_leaves_nothing_armed(auto):
 
 
 def test_a_second_flatperturb_that_fails_to_arm_leaves_the_first_one_armed():
-    model = _model()
+    model = tiny_lora()
     first, second = _wrap(model), _wrap(model, seed=8)
-    ((x, _),) = _batches(1)
+    ((x, _),) = toy_batches(1)
     seen = record_reads(model[0].base)
     first.perturb()
     with pytest.raises(RuntimeError, match="already perturbed by another FlatPerturb"):
@@ -591,9 +574,9 @@ def test_a_second_flatperturb_that_fails_to_arm_leaves_the_first_one_armed():
 
 
 def test_an_auto_flatperturb_dropped_mid_step_leaves_nothing_armed():
-    model = _model()
+    model = tiny_lora()
     opt = _wrap(model, auto=True)
-    ((x, y),) = _batches(1)
+    ((x, y),) = toy_batches(1)
     F.mse_loss(model(x), y).backward()
     del opt
     gc.collect()
@@ -605,9 +588,9 @@ def test_an_auto_flatperturb_dropped_mid_step_leaves_nothing_armed():
 def _interrupt_an_auto_forward():
     """An auto-armed forward stopped by a KeyboardInterrupt inside a target, after flatopt's
     pre-hook wrote W + ε into it: its forward hook never runs."""
-    model = _model()
+    model = tiny_lora()
     opt = _wrap(model, auto=True)
-    ((x, _),) = _batches(1)
+    ((x, _),) = toy_batches(1)
 
     def interrupt(module, args):
         raise KeyboardInterrupt

@@ -26,14 +26,7 @@ from torch.utils.checkpoint import checkpoint
 import flatopt
 from flatopt.lora import LoRALinear, add_lora
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models here are tiny: on a shared CPU, extra threads only add synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _top_hooks():
