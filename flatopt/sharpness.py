@@ -11,7 +11,7 @@ from typing import Any, Union, overload
 import torch
 from torch import Tensor, nn
 
-from ._arming import Arming, Generators, build_sites, drop_hooks, find_slot
+from ._arming import Arming, Generators, _Slot, build_sites, drop_hooks, find_slot
 from .adapters import Adapter, find_targets
 from .noise import seed_of_target, step_seed
 from .perturb import check_sigma
@@ -127,7 +127,72 @@ def _perturbed_increases(
 
 
 def _mean_loss(loss_fn: Callable[[Any], Tensor], batches: list[Any]) -> float:
-    return sum(float(loss_fn(batch)) for batch in batches) / len(batches)
+    return sum(_loss_value(loss_fn(batch)) for batch in batches) / len(batches)
+
+
+def _loss_value(loss: Any) -> float:
+    """One batch's loss as a float; a tensor must hold a single number."""
+    if isinstance(loss, Tensor):
+        if loss.numel() != 1:
+            raise ValueError(
+                f"loss_fn returned a tensor of shape {tuple(loss.shape)}; sharpness needs one "
+                "scalar loss per batch. Reduce it inside loss_fn, e.g. return loss.mean() (or "
+                "a loss function with its default reduction='mean')."
+            )
+        return float(loss)
+    try:
+        return float(loss)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"loss_fn returned {type(loss).__name__}; sharpness needs one scalar loss per batch. "
+            "Return the loss tensor itself, e.g. model(**batch).loss."
+        ) from None
+
+
+def _slots(modules: list[nn.Module]) -> list[_Slot]:
+    """The slots of flatopt's hooks already on the modules, each once."""
+    found: dict[int, _Slot] = {}
+    for root in modules:
+        for module in root.modules():
+            slot = find_slot(module)
+            if slot is not None:
+                found.setdefault(id(slot), slot)
+    return list(found.values())
+
+
+def _check_unperturbed(slots: list[_Slot]) -> None:
+    """Refuse to measure while a FlatPerturb has its noise armed on the model."""
+    for slot in slots:
+        owner = slot.owner() if slot.owner is not None else None
+        if owner is not None and owner.arming is not None:
+            name = next(
+                (s.name for s in owner.sites for r in s.readers if r.slot is slot), "a target"
+            )
+            raise RuntimeError(
+                "sharpness() was called inside a step of a FlatPerturb(auto=True): the noise "
+                f"of its targets (e.g. {name!r}) is armed from the step's first training "
+                "forward until opt.step(). Call sharpness() after opt.step(), or before the "
+                "step's first training forward, so that it measures the clean model."
+            )
+        for swap in slot.swaps.values():
+            raise RuntimeError(
+                f"sharpness() was called while {swap.site.name!r} is perturbed (between "
+                "opt.perturb() and opt.restore(), inside `with opt.perturbed():`, or inside "
+                "another sharpness() call). Call it after opt.restore(), so that it measures "
+                "the clean model."
+            )
+
+
+def _set_modes(modes: list[tuple[nn.Module, bool]]) -> None:
+    """Put each module in its mode through its own ``train()``, as a training loop would.
+
+    A layer that acts on a mode change (loralib merges its LoRA into W on ``eval()`` and
+    unmerges it on ``train()``) then does so. ``modes`` lists the modules parents first, so a
+    parent's ``train()`` sets its subtree, and a child in another mode is set after it.
+    """
+    for module, training in modes:
+        if module.training != training:
+            module.train(training)
 
 
 def _summary(increases: list[float], clean: float, sigma: float, seed: int) -> Sharpness:
@@ -195,8 +260,13 @@ def sharpness(
 
     Each of ``samples`` draws perturbs every target with ε_ij = σ·‖W'_i‖/√n·z_ij (σ fixed, no
     schedule) and evaluates the mean of ``loss_fn`` over ``batches``. A flat solution has a
-    small increase; it is the quantity Flat-LoRA's objective penalises. The model's weights are
-    never written, the global RNG is not used, and no hook is left on the model.
+    small increase; it is the quantity Flat-LoRA's objective penalises. flatopt writes none of
+    the model's weights, the global RNG is not used, and no hook is left on the model.
+
+    It measures the clean model whatever FlatPerturb is built on it: a ``FlatPerturb(auto=True)``
+    does not arm itself at the forwards run here, and is left as found (``is_perturbed``,
+    ``num_steps`` and its noise unchanged). Call it between steps, not while a perturbation is
+    armed (after ``opt.step()`` with ``auto=True``, after ``opt.restore()`` otherwise).
 
     Several σ in one call (``sigma=(0.05, 0.1, 0.2)``) share the clean loss and the draws of
     z, so the curve against σ is smooth and costs ``1 + len(sigma) · samples`` evaluations.
@@ -205,14 +275,18 @@ def sharpness(
 
     Args:
         model: the model (or iterable of modules) to scan for targets, as in FlatPerturb.
-        loss_fn: called as ``loss_fn(batch)`` and returns a scalar loss; it runs the model,
-            calling its modules as ``module(x)`` so that flatopt's forward hooks run.
+        loss_fn: called as ``loss_fn(batch)`` and returns a scalar loss (a one-element tensor
+            or a number); it runs the model, calling its modules as ``module(x)`` so that
+            flatopt's forward hooks run.
         batches: the batches to average over (held-out data shows generalisation).
         sigma: the relative noise scale, or a sequence of them.
         samples: the number of noise draws per σ.
         seed: the root seed of the draws.
         adapters: extra adapters, as in FlatPerturb.
-        eval_mode: measure with the model in eval mode (no dropout); its modes are put back.
+        eval_mode: measure with the model in eval mode (no dropout). Modes are set and put
+            back through each module's own ``eval()``/``train()``, as an evaluation loop
+            would: a layer that merges its LoRA into W on ``eval()`` (loralib with
+            ``merge_weights=True``) is measured merged and unmerged again on ``train()``.
 
     Returns:
         A `Sharpness` (the mean increase, its spread, `Sharpness.ci`, the clean loss) for a
@@ -220,11 +294,14 @@ def sharpness(
 
     Raises:
         ValueError: a negative ``sigma``, an empty sequence of them, bad ``samples``, no
-            batches, or no target in the model.
-        TypeError: a non-numeric ``sigma``.
-        RuntimeError: no target layer ran while the noise was applied, so the increase would
-            be a meaningless 0 (a model compiled before flatopt's hooks were on it, or a
-            ``loss_fn`` that calls ``module.forward(x)``).
+            batches, no target in the model, or a ``loss_fn`` that returns a tensor of more
+            than one element (reduce it, e.g. ``.mean()``).
+        TypeError: a non-numeric ``sigma``, or a ``loss_fn`` that returns no number.
+        RuntimeError: a perturbation is armed on the model (inside an auto step before
+            ``opt.step()``, or between ``perturb()`` and ``restore()``); or no target layer
+            ran while the noise was applied, so the increase would be a meaningless 0 (a model
+            compiled before flatopt's hooks were on it, or a ``loss_fn`` that calls
+            ``module.forward(x)``).
 
     Example:
         >>> from flatopt.lora import add_lora
@@ -248,13 +325,22 @@ def sharpness(
     # Materialised once: an iterator would be used up by the target search below.
     modules = [model] if isinstance(model, nn.Module) else list(model)
     modes = [(m, m.training) for root in modules for m in root.modules()]
+    slots = _slots(modules)
+    _check_unperturbed(slots)
     hooked = {id(m) for m, _ in modes if find_slot(m) is not None}
+    # A FlatPerturb(auto=True) arms itself at a training forward, and an explicit one counts
+    # training forwards left clean: neither may see the forwards measured here.
+    suspended = [(slot, slot.auto, slot.watch) for slot in slots]
+    for slot in slots:
+        slot.auto = slot.watch = False
     results = []
     try:
-        sites = build_sites(find_targets(modules, adapters))
+        # Named as FlatPerturb names them (opt.targets): a single model is scanned as itself.
+        sites = build_sites(
+            find_targets(model if isinstance(model, nn.Module) else modules, adapters)
+        )
         if eval_mode:
-            for root in modules:
-                root.eval()
+            _set_modes([(m, False) for m, _ in modes])
         clean = _mean_loss(loss_fn, batches)
         for value in sigmas:
             increases, calls = _perturbed_increases(
@@ -271,11 +357,14 @@ def sharpness(
                 )
             results.append(_summary(increases, clean, value, seed))
     finally:
-        for module, training in modes:
-            module.training = training
-        for module, _ in modes:  # leave the model exactly as found: no new hooks
-            if id(module) not in hooked and find_slot(module) is not None:
-                drop_hooks(module)
+        try:
+            _set_modes(modes)
+        finally:
+            for slot, auto, watch in suspended:
+                slot.auto, slot.watch = auto, watch
+            for module, _ in modes:  # leave the model exactly as found: no new hooks
+                if id(module) not in hooked and find_slot(module) is not None:
+                    drop_hooks(module)
     if isinstance(sigma, (str, bytes)) or not isinstance(sigma, Sequence):
         return results[0]
     return results

@@ -211,3 +211,39 @@ def test_a_model_compiled_before_the_hooks_existed_raises():
     # The model is left as it was found: no hook added, its modes as they were.
     assert (dict(model[0].base._forward_pre_hooks), dict(model[0].base._forward_hooks)) == hooks
     assert not any(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "error", "match"),
+    [
+        (
+            lambda model, b: (model(b[0]) - b[1]).square(),
+            ValueError,
+            r"loss_fn returned a tensor of shape \(256, 4\).*scalar.*loss\.mean\(\)",
+        ),
+        (
+            lambda model, b: {"loss": F.mse_loss(model(b[0]), b[1])},
+            TypeError,
+            r"loss_fn returned dict.*scalar.*\.loss",
+        ),
+    ],
+    ids=["per_element_loss", "a_dict"],
+)
+def test_a_loss_that_is_not_one_number_names_loss_fn_its_shape_and_the_fix(loss_fn, error, match):
+    model, x, y = _regression()
+    model.train()
+    before = snapshot(model)
+    hooks = dict(model[0].base._forward_pre_hooks)
+    with pytest.raises(error, match=match):
+        flatopt.sharpness(model, lambda b: loss_fn(model, b), [(x, y)], sigma=0.1, samples=2)
+    assert_untouched(model, before)
+    assert dict(model[0].base._forward_pre_hooks) == hooks and model.training
+
+
+def test_a_one_element_loss_is_a_scalar_loss():
+    model, x, y = _regression()
+    scalar = flatopt.sharpness(model, _loss(model, x, y), [(x, y)], sigma=0.1, samples=2)
+    shaped = flatopt.sharpness(
+        model, lambda b: _loss(model, x, y)(b).reshape(1, 1), [(x, y)], sigma=0.1, samples=2
+    )
+    assert shaped == scalar
