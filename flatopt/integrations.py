@@ -1,5 +1,6 @@
 """Built-in adapters for the LoRA libraries people use: peft, loralib, minLoRA-style
-``torch.nn.utils.parametrize`` LoRA, torchtune and litgpt.
+``torch.nn.utils.parametrize`` LoRA, torchtune and litgpt; and `trainer_optimizer`, which lets
+a ``transformers.Trainer`` build its own optimizer wrapped in a `FlatPerturb`.
 
 Each adapter recognises its layers by their attributes, never by importing the library, so
 ``import flatopt`` imports none of them and vendored copies (loralib and minLoRA are often
@@ -20,13 +21,14 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Optional
+from collections.abc import Iterable, Sequence
+from typing import Any, Optional
 
+import torch
 from torch import Tensor, nn
 
-from .adapters import Target
-from .noise import LowRank
+from .adapters import Adapter, Target, find_targets
+from .noise import LowRank, Schedule
 
 __all__ = [
     "ADAPTERS",
@@ -35,6 +37,7 @@ __all__ = [
     "parametrized_lora",
     "peft_lora",
     "torchtune_lora",
+    "trainer_optimizer",
 ]
 
 
@@ -242,3 +245,137 @@ def litgpt_lora(module: nn.Module) -> Optional[Target]:
 
 
 ADAPTERS = (peft_lora, loralib_lora, parametrized_lora, torchtune_lora, litgpt_lora)
+
+
+# -- transformers.Trainer building its own optimizer ------------------------------------------
+
+
+def trainer_optimizer(
+    model: nn.Module,
+    args: Any,
+    *,
+    sigma: float = 0.05,
+    schedule: Schedule = "cosine",
+    total_steps: Optional[int] = None,
+    seed: Optional[int] = None,
+    adapters: Iterable[Adapter] = (),
+    resample: str = "step",
+    rank_noise: bool = True,
+) -> tuple[type, dict[str, Any]]:
+    """The ``(class, kwargs)`` pair for ``Trainer(optimizer_cls_and_kwargs=...)``: Flat-LoRA
+    over the optimizer the Trainer would build itself.
+
+    The Trainer calls the class at ``train()`` with the parameter groups it made (weight decay
+    on all but biases and norms). The class builds over them the optimizer ``args.optim`` names,
+    with the Trainer's own settings (``Trainer.get_optimizer_cls_and_kwargs``: learning rate,
+    betas, epsilon, ``optim_args``), and returns it wrapped in ``FlatPerturb(..., auto=True)``
+    over ``model``. The Trainer's LR scheduler, checkpoints and ``resume_from_checkpoint`` then
+    work on it as on ``optimizers=(FlatPerturb(...), None)``. transformers is imported only
+    then.
+
+    Args:
+        model: the LoRA model, the one passed to the Trainer as ``model`` (with TRL's
+            ``peft_config=``, apply peft first and pass the peft model).
+        args: the Trainer's ``TrainingArguments``.
+        sigma: σ, as in `FlatPerturb`.
+        schedule: as in `FlatPerturb`.
+        total_steps: the length of the ramp in optimizer steps; None takes ``args.max_steps``.
+        seed: the root of the noise seeds; None takes ``args.seed``, so a run repeats like the
+            rest of the Trainer's randomness, and nothing is drawn from torch's global RNG.
+        adapters: as in `FlatPerturb`.
+        resample: as in `FlatPerturb`.
+        rank_noise: as in `FlatPerturb`.
+
+    Returns:
+        ``(cls, kwargs)``: calling ``cls(param_groups, **kwargs)`` returns the `FlatPerturb`.
+
+    Raises:
+        ValueError: a bad ``sigma``, ``schedule`` or ``total_steps``, as `FlatPerturb` would
+            raise it; a ramp with neither ``total_steps`` nor a positive ``args.max_steps``; or
+            no LoRA layer in ``model``. The other arguments are checked by `FlatPerturb` when
+            the Trainer builds it; so is ``args.optim``: LOMO and the layer-wise GaLore and
+            APOLLO update inside backward, with no step for flatopt to wrap, and are refused.
+        TypeError: ``args`` has no ``max_steps`` and ``seed`` (not TrainingArguments).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> from flatopt.lora import add_lora
+        >>> net = add_lora(torch.nn.Sequential(torch.nn.Linear(8, 8)), ["0"], rank=2)
+        >>> args = SimpleNamespace(max_steps=100, seed=42)  # stands for TrainingArguments
+        >>> cls, kwargs = trainer_optimizer(net, args, sigma=0.05)
+        >>> kwargs["total_steps"], kwargs["seed"]
+        (100, 42)
+
+        With transformers, the pair goes to the Trainer:
+
+        >>> trainer = Trainer(model=net, args=args, train_dataset=data,  # doctest: +SKIP
+        ...                   optimizer_cls_and_kwargs=trainer_optimizer(net, args))
+    """
+    from .perturb import _check_schedule, check_sigma
+
+    if not (hasattr(args, "max_steps") and hasattr(args, "seed")):
+        raise TypeError(
+            f"Invalid args: {type(args).__name__} has no max_steps and seed. Pass the Trainer's "
+            "TrainingArguments, the same object as Trainer(args=...)."
+        )
+    sigma = check_sigma(sigma)
+    if total_steps is None and isinstance(args.max_steps, int) and args.max_steps > 0:
+        total_steps = args.max_steps
+    if total_steps is None and not callable(schedule) and schedule != "constant":
+        raise ValueError(
+            f"schedule={schedule!r} needs total_steps, and args.max_steps is {args.max_steps!r} "
+            "(training by epochs): flatopt cannot know the number of optimizer steps before the "
+            "Trainer counts them. Set TrainingArguments(max_steps=...), pass total_steps= "
+            "(epochs * optimizer steps per epoch), or use schedule='constant'."
+        )
+    _check_schedule(schedule, total_steps)
+    adapters = tuple(adapters)
+    find_targets(model, adapters)  # no LoRA layer: say so now, not at train()
+    kwargs = {
+        "lora_model": model,
+        "training_args": args,
+        "sigma": sigma,
+        "schedule": schedule,
+        "total_steps": total_steps,
+        "seed": args.seed if seed is None else seed,
+        "adapters": adapters,
+        "resample": resample,
+        "rank_noise": rank_noise,
+    }
+    return _TrainerFlatPerturb, kwargs
+
+
+class _TrainerFlatPerturb(torch.optim.Optimizer):
+    """The class `trainer_optimizer` hands the Trainer: calling it returns a `FlatPerturb`.
+
+    It subclasses ``torch.optim.Optimizer`` only so that the Trainer calls it with the parameter
+    groups it built (transformers calls any other callable without them, as a factory of its
+    own kind). No instance of it is ever made: ``__new__`` returns a plain FlatPerturb, which
+    pickles, copies and checkpoints as one built by hand.
+    """
+
+    def __new__(
+        cls, params: Any, *, lora_model: nn.Module, training_args: Any, **settings: Any
+    ) -> Any:
+        from .perturb import FlatPerturb
+
+        inner = _trainer_inner(params, lora_model, training_args)
+        return FlatPerturb(inner, lora_model, auto=True, **settings)
+
+
+def _trainer_inner(params: Any, model: nn.Module, args: Any) -> torch.optim.Optimizer:
+    """The optimizer ``Trainer.create_optimizer`` would build over ``params``, as it builds it."""
+    from transformers import Trainer
+
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    kwargs = dict(kwargs)
+    if "model" in kwargs or "optimizer_dict" in kwargs:  # LOMO, layer-wise GaLore / APOLLO
+        raise ValueError(
+            f"Invalid args.optim: {args.optim!r} updates the weights inside backward(), with no "
+            "optimizer step for flatopt to end the perturbed step at. Pick an optimizer with a "
+            "step(), e.g. TrainingArguments(optim='adamw_torch')."
+        )
+    params = kwargs.pop("params", params)  # GaLore and APOLLO group the parameters themselves
+    if isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer):
+        return optimizer_cls(params, **kwargs)
+    return optimizer_cls()(model, **kwargs)  # transformers' optimizer factories take the model

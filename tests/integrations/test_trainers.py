@@ -1,5 +1,7 @@
 """flatopt inside trainers that own the loop: transformers.Trainer, TRL's SFTTrainer,
-pytorch-lightning (automatic and manual optimization), Lightning Fabric and Accelerate.
+pytorch-lightning (automatic and manual optimization), Lightning Fabric and Accelerate; the
+Trainer building its own optimizer under flatopt (``flatopt.integrations.trainer_optimizer``);
+and ``flatopt.sharpness`` between the steps of a loop, on loralib's merging layers.
 
 Each test trains the tiny peft GPT-2 of `trainer_checks` a few steps and checks, with a forward
 pre-hook registered on every target after FlatPerturb was built:
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import accelerate
 import lightning_fabric
+import loralib
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -226,6 +229,241 @@ def test_hf_trainer_auto_resumes_from_a_checkpoint_bit_for_bit(tmp_path):
     assert len(last) == ACCUM * TARGETS
     assert_same_reads(observer_resumed.train_reads, last)
     assert_same_tensors(lora_factors(resumed), lora_factors(model))
+
+
+# -- the Trainer building its own optimizer: flatopt.integrations.trainer_optimizer -------------
+
+# Weight decay on, so that the Trainer's two parameter groups differ.
+FACTORY_ARGS = {**HF_ARGS, "weight_decay": 0.1}
+
+
+def trainable_norm(model) -> list[torch.nn.Parameter]:
+    """Train the final LayerNorm too: the Trainer puts it in its no-decay group."""
+    params = list(model.base_model.model.transformer.ln_f.parameters())
+    for param in params:
+        param.requires_grad_(True)
+    return params
+
+
+class ObserveBuilt(transformers.TrainerCallback):
+    """Puts an `Observer` on the FlatPerturb the Trainer built, at the start of training: after
+    flatopt's hooks exist (the observer's must come after them), before the first forward."""
+
+    def __init__(self, model):
+        self.model = model
+        self.flat = self.observer = None
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        self.flat = flatopt.unwrap(optimizer)
+        self.observer = Observer(self.flat, self.model)
+
+
+def run_factory(tmp_path: Path, name: str, resume=None, seed=SEED, norm=True, **overrides):
+    """A Trainer that builds its own optimizer through trainer_optimizer; (trainer, model,
+    callback, flatopt's warnings). ``norm``: train the final LayerNorm too."""
+    model = tiny_gpt2()
+    if norm:
+        trainable_norm(model)
+    frozen = Frozen(model)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / name), **{**FACTORY_ARGS, **overrides}
+    )
+    observe = ObserveBuilt(model)
+    trainer = transformers.Trainer(
+        model=model,
+        args=args,
+        train_dataset=lm_dataset(TRAIN, seed=1),
+        eval_dataset=lm_dataset(EVAL, seed=2),
+        optimizer_cls_and_kwargs=flatopt.integrations.trainer_optimizer(
+            model, args, sigma=SIGMA, schedule="constant", seed=seed
+        ),
+        callbacks=[observe],
+    )
+    with recorded_warnings() as caught:
+        trainer.train(resume_from_checkpoint=resume)
+        if args.eval_strategy != "no":
+            trainer.evaluate()
+    frozen.check()
+    return trainer, model, observe, flatopt_warnings(caught)
+
+
+def run_own_optimizer_explicit(tmp_path: Path):
+    """The reference: the Trainer's own optimizer (``create_optimizer()``) wrapped by hand in an
+    explicit FlatPerturb, ``perturbed()`` around each micro-batch."""
+    model = tiny_gpt2()
+    trainable_norm(model)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "reference"), **FACTORY_ARGS)
+    trainer = ExplicitTrainer(
+        model=model,
+        args=args,
+        train_dataset=lm_dataset(TRAIN, seed=1),
+        eval_dataset=lm_dataset(EVAL, seed=2),
+    )
+    own = trainer.create_optimizer()
+    flat = flatopt.FlatPerturb(own, model, sigma=SIGMA, schedule="constant", seed=SEED)
+    trainer.optimizer = flat
+    observer = Observer(flat, model)
+    with recorded_warnings() as caught:
+        trainer.train()
+        trainer.evaluate()
+    return trainer, model, observer, flatopt_warnings(caught)
+
+
+def test_hf_trainer_builds_its_own_optimizer_under_flatopt_as_the_explicit_loop(tmp_path):
+    trainer, model, observe, warned = run_factory(tmp_path, "factory")
+    assert warned == []
+    flat, args = observe.flat, trainer.args
+    assert flat.auto and len(flat.targets) == TARGETS and flat.seed == SEED
+    # The optimizer args.optim names, with the Trainer's settings ...
+    own_cls, own_kwargs = transformers.Trainer.get_optimizer_cls_and_kwargs(args, model)
+    assert type(flat.optimizer) is own_cls
+    assert {key: flat.optimizer.defaults[key] for key in own_kwargs} == own_kwargs
+    # ... over the Trainer's groups: weight decay on the LoRA factors, none on the LayerNorm.
+    lora = {id(p) for n, p in model.named_parameters() if "lora_" in n}
+    norm = {id(p) for p in model.base_model.model.transformer.ln_f.parameters()}
+    groups = [({id(p) for p in g["params"]}, g["weight_decay"]) for g in flat.param_groups]
+    assert groups == [(lora, 0.1), (norm, 0.0)]
+    # The Trainer's LR schedule reached the groups (linear decay, to 0 after the last step).
+    assert trainer.lr_scheduler.get_last_lr() == [g["lr"] for g in flat.param_groups] == [0, 0]
+    assert next(row["learning_rate"] for row in history(trainer) if "loss" in row) == LR
+
+    counts = observe.observer.check(train=HF_TRAIN_READS, eval=HF_EVAL_READS, steps=STEPS)
+    ref_trainer, ref_model, ref_observer, ref_warned = run_own_optimizer_explicit(tmp_path)
+    assert ref_warned == []
+    assert_same_reads(observe.observer.reads, ref_observer.reads)
+    assert history(trainer) == history(ref_trainer)
+    assert_same_tensors(trainable(model), trainable(ref_model))
+    report(f"transformers {transformers.__version__} Trainer, trainer_optimizer", counts)
+
+
+def test_hf_trainer_with_trainer_optimizer_resumes_from_a_checkpoint_bit_for_bit(tmp_path):
+    """The resumed Trainer builds a fresh FlatPerturb, with another seed even, and loads the
+    checkpoint's optimizer state into it: the noise continues where the run stopped."""
+    # Only the LoRA factors train: the checkpoint of a peft model holds the adapter alone.
+    save = {"eval_strategy": "no", "save_strategy": "steps", "save_steps": 2, "norm": False}
+    _, model, observe, _ = run_factory(tmp_path, "full", **save)
+    checkpoint = tmp_path / "full" / "checkpoint-2"
+    assert checkpoint.is_dir()
+
+    _, resumed, observe_resumed, warned = run_factory(
+        tmp_path, "resumed", resume=str(checkpoint), seed=SEED + 1, **save
+    )
+    assert warned == []
+    assert observe_resumed.flat.num_steps == STEPS and observe_resumed.flat.seed == SEED
+    last = [read for read in observe.observer.train_reads if read.step == STEPS - 1]
+    assert len(last) == ACCUM * TARGETS
+    assert_same_reads(observe_resumed.observer.train_reads, last)
+    assert_same_tensors(trainable(resumed), trainable(model))
+
+
+def test_trainer_optimizer_keeps_the_trainers_choice_of_optimizer(tmp_path):
+    model = tiny_gpt2()
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        **{**FACTORY_ARGS, "optim": "sgd", "optim_args": "momentum=0.9", "eval_strategy": "no"},
+    )
+    trainer = transformers.Trainer(
+        model=model,
+        args=args,
+        train_dataset=lm_dataset(TRAIN, seed=1),
+        optimizer_cls_and_kwargs=flatopt.integrations.trainer_optimizer(model, args),
+    )
+    flat = trainer.create_optimizer()
+    assert isinstance(flat, flatopt.FlatPerturb) and flat.auto
+    assert type(flat.optimizer) is torch.optim.SGD
+    assert flat.optimizer.defaults["momentum"] == 0.9 and flat.optimizer.defaults["lr"] == LR
+    assert flat.seed == args.seed  # no seed given: the Trainer's
+    assert flat.state_dict()["flatopt"]["total_steps"] == STEPS  # args.max_steps
+
+
+@pytest.mark.parametrize(
+    ("overrides", "kwargs", "error", "match"),
+    [
+        ({"max_steps": -1}, {}, ValueError, r"needs total_steps, and args\.max_steps is -1"),
+        ({}, {"sigma": -0.1}, ValueError, r"Invalid sigma: -0\.1"),
+        ({}, {"schedule": "warmup"}, ValueError, r"Invalid schedule: 'warmup'"),
+    ],
+)
+def test_trainer_optimizer_refuses_bad_arguments_before_training(
+    tmp_path, overrides, kwargs, error, match
+):
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), **{**HF_ARGS, **overrides})
+    with pytest.raises(error, match=match):
+        flatopt.integrations.trainer_optimizer(tiny_gpt2(), args, **kwargs)
+
+
+def test_trainer_optimizer_refuses_what_is_not_training_arguments_or_a_lora_model(tmp_path):
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), **HF_ARGS)
+    with pytest.raises(TypeError, match=r"Invalid args: dict has no max_steps"):
+        flatopt.integrations.trainer_optimizer(tiny_gpt2(), dict(HF_ARGS))
+    with pytest.raises(ValueError, match="No adapter recognised"):
+        flatopt.integrations.trainer_optimizer(torch.nn.Linear(2, 2), args)
+    # Training by epochs works with total_steps given, or with a constant schedule.
+    epochs = transformers.TrainingArguments(
+        output_dir=str(tmp_path), **{**HF_ARGS, "max_steps": -1}
+    )
+    _, kwargs = flatopt.integrations.trainer_optimizer(tiny_gpt2(), epochs, total_steps=5)
+    assert kwargs["total_steps"] == 5
+    _, kwargs = flatopt.integrations.trainer_optimizer(tiny_gpt2(), epochs, schedule="constant")
+    assert kwargs["total_steps"] is None
+
+
+# -- sharpness between the steps of a loop, on loralib's merging layers --------------------------
+
+
+def loralib_model() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        loralib.Linear(6, 8, r=2, lora_alpha=4), torch.nn.Tanh(), loralib.Linear(8, 3, r=2)
+    )
+    loralib.mark_only_lora_as_trainable(model)
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.lora_B.normal_()  # loralib starts B at 0: the merge would change nothing
+    return model
+
+
+def test_sharpness_between_steps_leaves_loralib_layers_unmerged_and_training():
+    """sharpness(eval_mode=True) between two auto steps is the evaluation a loop runs there
+    (``model.eval()``, measure, ``model.train()``): loralib merges on eval and unmerges on
+    train, and the next step is the one the loop would take after that evaluation."""
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(4, 6, generator=g), torch.randn(4, 3, generator=g)) for _ in range(3)]
+
+    def loss(model):
+        return lambda batch: torch.nn.functional.mse_loss(model(batch[0]), batch[1])
+
+    runs = []
+    for measure in (True, False):
+        model = loralib_model()
+        opt = flatopt.FlatPerturb(
+            torch.optim.SGD(trainable(model), lr=0.1),
+            model,
+            sigma=SIGMA,
+            schedule="constant",
+            seed=SEED,
+            auto=True,
+        )
+        loss(model)(data[0]).backward()
+        opt.step()
+        opt.zero_grad()
+        if measure:
+            result = flatopt.sharpness(model, loss(model), data[1:2], sigma=0.1, samples=2)
+            assert not opt.is_perturbed and opt.num_steps == 1
+        else:  # the evaluation sharpness stands for, by hand
+            model.eval()
+            with torch.no_grad():
+                clean = float(loss(model)(data[1]))
+            model.train()
+        for layer in (model[0], model[2]):
+            assert layer.training and not layer.merged
+        loss(model)(data[2]).backward()
+        for layer in (model[0], model[2]):  # unmerged, the LoRA factors learn
+            assert layer.lora_A.grad.abs().sum() > 0 and layer.lora_B.grad.abs().sum() > 0
+        opt.step()
+        runs.append(model)
+    assert result.clean_loss == clean  # measured merged, as the evaluation
+    assert_same_tensors(list(runs[0].state_dict().values()), list(runs[1].state_dict().values()))
 
 
 def sft_config(tmp_path: Path, mode: str) -> trl.SFTConfig:
