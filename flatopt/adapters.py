@@ -19,6 +19,7 @@ from .noise import Delta
 __all__ = [
     "Adapter",
     "Target",
+    "check_adapters",
     "dense",
     "find_targets",
     "register_adapter",
@@ -250,11 +251,71 @@ _FSDP1 = (
 )
 
 
+def check_adapters(adapters: Any) -> tuple[Adapter, ...]:
+    """``adapters`` as a tuple of callables: one callable, or an iterable of them.
+
+    Raises:
+        TypeError: a string (adapters are callables, not names), something neither callable
+            nor iterable, or an item that is not callable.
+
+    Example:
+        >>> check_adapters(print) == (print,)
+        True
+    """
+    if isinstance(adapters, (str, bytes)):
+        raise TypeError(
+            f"Invalid adapters: {adapters!r}. adapters takes callables module -> "
+            "flatopt.Target | None, not names; the built-in adapters (flatopt.lora, peft, "
+            "loralib, minLoRA, torchtune, litgpt) are always tried, so leave adapters out for "
+            "those, or pass adapters=[my_adapter] for your own LoRA class."
+        )
+    if callable(adapters) and not isinstance(adapters, Iterable):
+        return (adapters,)  # one adapter, not in a list
+    if not isinstance(adapters, Iterable):
+        raise TypeError(
+            f"Invalid adapters: {adapters!r}. Pass a callable module -> flatopt.Target | None, "
+            "or a list of them: adapters=[my_adapter]."
+        )
+    adapters = tuple(adapters)
+    for adapter in adapters:
+        if not callable(adapter):
+            raise TypeError(
+                f"Invalid adapter: {adapter!r}. adapters must be callables "
+                "module -> flatopt.Target | None."
+            )
+    return adapters
+
+
+def _where(name: str, module: nn.Module) -> str:
+    """A module by its qualified name, for messages (the root's name is ``''``)."""
+    if name == "":
+        return f"the model itself ({type(module).__name__})"
+    return f"module {name!r} ({type(module).__name__})"
+
+
+def _missing(target: Target) -> str:
+    """Why ``target.param_name`` names no tensor: the first attribute missing on the way."""
+    current: Any = target.module
+    parts = target.param_name.split(".")
+    for depth, part in enumerate(parts):
+        here = ".".join(parts[:depth])
+        label = type(current).__name__ + (f" {here!r}" if here else "")
+        store = current._modules if isinstance(current, nn.Module) else {}
+        found = store[part] if part in store else getattr(current, part, _ABSENT)
+        if found is _ABSENT or found is None:
+            return f"{label} has no attribute {part!r}, so it is not a tensor"
+        current = found
+    return f"that attribute is {type(current).__name__}, not a tensor"
+
+
+_ABSENT = object()
+
+
 def _check(target: object, adapter: Adapter, name: str, module: nn.Module) -> Target:
     if not isinstance(target, Target):
         raise TypeError(
             f"Adapter {getattr(adapter, '__name__', adapter)!r} returned "
-            f"{type(target).__name__} for module {name!r}; an adapter must return "
+            f"{type(target).__name__} for {_where(name, module)}; an adapter must return "
             "flatopt.Target(...) or None."
         )
     try:
@@ -263,9 +324,11 @@ def _check(target: object, adapter: Adapter, name: str, module: nn.Module) -> Ta
         weight = None
     if not isinstance(weight, torch.Tensor):
         raise ValueError(
-            f"Adapter {getattr(adapter, '__name__', adapter)!r} targets "
-            f"{type(target.module).__name__}.{target.param_name} for module {name!r}, but that "
-            f"attribute is {type(weight).__name__}, not a tensor. Check param_name."
+            f"Adapter {getattr(adapter, '__name__', adapter)!r}, asked about "
+            f"{_where(name, module)}, targets {type(target.module).__name__}."
+            f"{target.param_name}, but {_missing(target)}. Check param_name: "
+            "it names the stored tensor the forward reads, on Target.module (dotted for a "
+            "child's, e.g. 'conv.weight')."
         )
     layer = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding, nn.EmbeddingBag)
     if weight.ndim < 2:
@@ -307,7 +370,7 @@ def find_targets(
         >>> [(name, tuple(t.weight.shape)) for name, t in find_targets(net)]
         [('0', (4, 4))]
     """
-    chain = [*adapters, *_REGISTERED, *_builtins()]
+    chain = [*check_adapters(adapters), *_REGISTERED, *_builtins()]
     named = _named_modules(model)
     if any(type(m).__name__ == "FullyShardedDataParallel" for _, m in named):
         raise TypeError(_FSDP1)

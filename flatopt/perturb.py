@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Optional, Union
 
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ._arming import Arming, Generators, Site, build_sites, root_hook
-from .adapters import Adapter, find_targets
+from .adapters import Adapter, check_adapters, find_targets
 from .noise import SCHEDULES, Schedule, schedule_factor, seed_of_target, step_seed
 
 __all__ = ["FlatPerturb", "unwrap"]
@@ -34,20 +35,40 @@ def _rank() -> int:
     return 0
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_sigma(sigma: Any, name: str = "sigma") -> float:
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
+    """``sigma`` as a Python float: any real number (NumPy's too) >= 0 and finite, not a bool."""
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real):
         raise TypeError(f"Invalid {name}: {sigma!r}. sigma must be a number, e.g. sigma=0.05.")
-    if not math.isfinite(sigma) or sigma < 0:
+    value = float(sigma)
+    if not math.isfinite(value) or value < 0:
         raise ValueError(
             f"Invalid {name}: {sigma!r}. sigma must be a finite number >= 0; the paper uses "
             "0.05 to 0.10 (0.15 for CLIP)."
         )
-    return float(sigma)
+    return value
 
 
-def _check_schedule(schedule: Any, total_steps: Any, where: str = "") -> None:
+def _check_total_steps(total_steps: Any, where: str = "") -> Optional[int]:
+    if total_steps is None:
+        return None
+    if not _is_int(total_steps) or total_steps < 1:
+        raise ValueError(
+            f"Invalid {where}total_steps: {total_steps!r}. It must be None or a positive int, the "
+            "number of optimizer steps over which the schedule ramps up."
+        )
+    return int(total_steps)
+
+
+def _check_schedule(schedule: Any, total_steps: Any, where: str = "") -> Optional[int]:
+    """Check a schedule and its total_steps (always, a callable schedule's too); return the
+    total_steps as a Python int or None."""
+    total_steps = _check_total_steps(total_steps, where)
     if callable(schedule):
-        return
+        return total_steps
     if not isinstance(schedule, str) or schedule not in SCHEDULES:
         raise ValueError(
             f"Invalid {where}schedule: {schedule!r}. Use one of "
@@ -59,22 +80,52 @@ def _check_schedule(schedule: Any, total_steps: Any, where: str = "") -> None:
             "steps the ramp lasts (optimizer steps, not batches: with gradient accumulation, "
             "epochs * (len(loader) // accumulation_steps)), or use schedule='constant'."
         )
-    if total_steps is not None and (
-        isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1
-    ):
-        raise ValueError(
-            f"Invalid {where}total_steps: {total_steps!r}. It must be a positive int, the number "
-            "of optimizer steps over which the schedule ramps up."
+    return total_steps
+
+
+_SEED_BOUND = 2**64  # seeds are mixed as 64-bit words: each seed in [0, 2**64) is its own run
+
+
+def _check_seed(seed: Any, name: str = "seed") -> int:
+    if not _is_int(seed):
+        raise TypeError(
+            f"Invalid {name}: {seed!r}. Pass an int in [0, 2**64), or None to draw one from "
+            "torch's default generator."
         )
+    if not 0 <= seed < _SEED_BOUND:
+        raise ValueError(
+            f"Invalid {name}: {seed!r}. A seed is an int in [0, 2**64) (the noise mixes it as a "
+            "64-bit word, so a larger or negative one would repeat another seed's noise); pass "
+            "e.g. seed % 2**64, or seed=None."
+        )
+    return int(seed)
 
 
 def _check_count(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if not _is_int(value) or value < 0:
         raise ValueError(
             f"Invalid state_dict['flatopt'][{key!r}]: {value!r}; expected an int >= 0. Load a "
             "state dict written by FlatPerturb.state_dict()."
         )
-    return value
+    return int(value)
+
+
+def _factor_modules(
+    name: str, target: Any, roots: list[nn.Module], indexed: bool
+) -> list[nn.Module]:
+    """The modules whose trainable parameters are a target's factors: the module the adapter
+    recognised (named ``name`` in the scanned model) and ``Target.module``."""
+    modules = [target.module]
+    if indexed:
+        head, _, name = name.partition(".")
+        root = roots[int(head)]
+    else:
+        root = roots[0]
+    with contextlib.suppress(AttributeError):
+        recognised = root.get_submodule(name) if name else root
+        if recognised is not target.module:
+            modules.append(recognised)
+    return modules
 
 
 def _callable_name(fn: Callable[..., Any]) -> str:
@@ -108,6 +159,9 @@ class _State:
         self.perturbed_step = False  # perturb() ran since the last step()
         self.calls_step = 0  # target forwards that ran perturbed since the last step()
         self.warned: set[str] = set()
+        self.seed_given: bool = settings.get("seed_given", True)  # False: drawn, not chosen
+        self.model_forwards = 0  # training forwards of the model since the last step()
+        self.in_closure = False  # step(closure) is running the closure, perturbed
         self.sites: list[Site] = []
         self.scan(warn=False)
 
@@ -191,6 +245,7 @@ class _State:
 
     def next_draw(self) -> None:
         """Called by the model's forward in training mode (``auto=True, resample="call"``)."""
+        self.model_forwards += 1
         if self.arming is not None:
             self.disarm()
 
@@ -237,26 +292,43 @@ class FlatPerturb(torch.optim.Optimizer):
       step's first forward and `restore` at ``step()``. Forwards in eval mode see W; forwards
       under ``torch.no_grad()`` in training mode see W + ε (they are training forwards).
 
+    σ and σ_t: ``sigma=`` is σ, the scale the schedule ramps to. It is what `base_sigma`
+    returns and what ``state_dict()["flatopt"]["sigma"]`` saves. ``opt.sigma`` is σ_t =
+    σ·schedule(num_steps), the scale the current step draws with: 0 at the first step of a
+    ``"cosine"`` or ``"linear"`` ramp, σ from step T on.
+
+    The optimizer should hold the LoRA factors of every target (the trainable parameters of the
+    layers the adapters recognised); construction warns, naming the targets, when no param
+    group holds a target's factors, as when the optimizer is another model's.
+
     Args:
         optimizer: any ``torch.optim.Optimizer`` over the trainable parameters.
         model: the ``nn.Module`` to scan for LoRA layers, or an iterable of modules.
-        sigma: σ, the relative noise scale at the end of the ramp.
+        sigma: σ, the relative noise scale at the end of the ramp: a real number >= 0.
         schedule: ``"cosine"`` (the paper's), ``"linear"``, ``"constant"`` or a callable
             ``step -> factor``.
-        total_steps: T, the length of the ramp in optimizer steps; required by ``"cosine"``
-            and ``"linear"``.
-        seed: the root of every noise seed; None draws one from torch's default generator now.
-        adapters: extra adapters ``module -> Target | None``, tried before the built-in ones.
+        total_steps: T, the length of the ramp in optimizer steps: None or a positive int;
+            required by ``"cosine"`` and ``"linear"``.
+        seed: the root of every noise seed, an int in [0, 2**64) (each one a different run);
+            None draws one from torch's default generator now.
+        adapters: extra adapters ``module -> Target | None`` (one callable, or a list of
+            them), tried before the built-in ones.
         resample: ``"step"`` keeps one ε per optimizer step (every micro-batch between two
             ``step()`` calls sees it); ``"call"`` draws fresh noise at every `perturb`, and
-            with ``auto=True`` at every training-mode forward of ``model``.
+            with ``auto=True`` at every training-mode forward of ``model``, which must then be
+            called as ``model(x)`` (its forward pre-hook starts the draw; ``step()`` warns
+            when target layers ran but the model's own forward hook never did).
         rank_noise: under ``torch.distributed``, each rank draws its own noise.
         auto: arm the noise from the model's own training-mode forwards (drop-in mode).
 
+    NumPy scalars are accepted where a Python number is (``np.float32`` σ, ``np.int64``
+    seed), and stored as Python ``float``/``int``; ``bool`` is refused.
+
     Raises:
-        TypeError: ``optimizer`` is not an Optimizer, or an argument has the wrong type.
-        ValueError: a bad ``sigma``, ``schedule``, ``total_steps`` or ``resample``, or no LoRA
-            layer was found (the message lists the module types seen).
+        TypeError: ``optimizer`` is not an Optimizer, or an argument has the wrong type (a
+            string for ``adapters``, say).
+        ValueError: a bad ``sigma``, ``schedule``, ``total_steps``, ``seed`` or ``resample``,
+            or no LoRA layer was found (the message lists the module types seen).
 
     Example:
         >>> from flatopt.lora import add_lora
@@ -303,7 +375,7 @@ class FlatPerturb(torch.optim.Optimizer):
                 )
             model = list(model)  # an iterator would be used up by the first scan
         sigma = check_sigma(sigma)
-        _check_schedule(schedule, total_steps)
+        total_steps = _check_schedule(schedule, total_steps)
         if resample not in _RESAMPLE:
             raise ValueError(
                 f"Invalid resample: {resample!r}. Use 'step' (one noise draw per optimizer "
@@ -319,24 +391,16 @@ class FlatPerturb(torch.optim.Optimizer):
                 "training forwards starts a new draw. Pass the model itself, or use "
                 "resample='step'."
             )
+        seed_given = seed is not None
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
-        elif isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(
-                f"Invalid seed: {seed!r}. Pass an int, or None to draw one from torch's "
-                "default generator."
-            )
-        adapters = tuple(adapters)
-        for adapter in adapters:
-            if not callable(adapter):
-                raise TypeError(
-                    f"Invalid adapter: {adapter!r}. adapters must be callables "
-                    "module -> flatopt.Target | None."
-                )
+        seed = _check_seed(seed)
+        adapters = check_adapters(adapters)
 
         self._inner = optimizer
         settings = {
             "seed": seed,
+            "seed_given": seed_given,
             "sigma": sigma,
             "schedule": schedule,
             "total_steps": total_steps,
@@ -354,6 +418,42 @@ class FlatPerturb(torch.optim.Optimizer):
         self._optimizer_load_state_dict_pre_hooks: OrderedDict = OrderedDict()
         self._optimizer_load_state_dict_post_hooks: OrderedDict = OrderedDict()
         self._patch_step_function()
+        self._warn_unheld_factors()
+
+    def _warn_unheld_factors(self) -> None:
+        """Warn when no param group holds a target's LoRA factors: it would be perturbed, but
+        nothing would train it (another model's optimizer, or factors left out)."""
+        state = self._state
+        held = {id(p) for group in self._inner.param_groups for p in group["params"]}
+        roots, indexed = state.roots()
+        unheld = []
+        for site in state.sites:
+            for reader in site.readers:
+                factors = {
+                    id(p)
+                    for module in _factor_modules(reader.name, reader.target, roots, indexed)
+                    for p in module.parameters()
+                    if p.requires_grad
+                }
+                if factors and not factors & held:
+                    unheld.append(reader.name)
+        if not unheld:
+            return
+        model_params = {id(p) for root in roots for p in root.parameters()}
+        hint = (
+            " It holds none of this model's parameters: was it built over another model (or "
+            "before a copy, or before sharding)?"
+            if not model_params & held
+            else ""
+        )
+        warnings.warn(
+            f"The optimizer holds none of the trainable parameters (the LoRA factors) of the "
+            f"targets {unheld}, so flatopt perturbs them but nothing trains them.{hint} Build "
+            "the optimizer over this model's trainable parameters, e.g. torch.optim.AdamW("
+            "[p for p in model.parameters() if p.requires_grad]), or add them with "
+            "opt.add_param_group({'params': [...]}).",
+            stacklevel=3,
+        )
 
     # -- the wrapped optimizer's state, shared rather than copied ---------------------------
 
@@ -394,8 +494,14 @@ class FlatPerturb(torch.optim.Optimizer):
 
     @property
     def sigma(self) -> float:
-        """σ_t, the noise scale of the current step: σ · schedule(num_steps)."""
+        """σ_t, the noise scale of the current step: `base_sigma` · schedule(num_steps)."""
         return self._state.sigma_t()
+
+    @property
+    def base_sigma(self) -> float:
+        """σ, the configured scale that the schedule ramps to: the constructor's ``sigma``, or
+        a loaded checkpoint's (``state_dict()["flatopt"]["sigma"]``)."""
+        return self._state.sigma
 
     @property
     def num_steps(self) -> int:
@@ -456,6 +562,12 @@ class FlatPerturb(torch.optim.Optimizer):
                 "step's first training forward. Drop the perturb()/restore() calls, or build "
                 "it with auto=False."
             )
+        if state.in_closure:
+            raise RuntimeError(
+                "perturb() (or `with opt.perturbed():`) inside the closure of step(closure): "
+                "step(closure) already perturbs the closure and restores after it. Drop the "
+                "perturb()/restore() calls from the closure."
+            )
         if state.arming is not None:
             raise RuntimeError(
                 "perturb() was called twice without restore(). Call opt.restore() after "
@@ -468,8 +580,15 @@ class FlatPerturb(torch.optim.Optimizer):
         """Disarm the noise. Every parameter and buffer is bitwise as before `perturb`.
 
         Raises:
-            RuntimeError: nothing is armed.
+            RuntimeError: nothing is armed, or this runs inside the closure of
+                ``step(closure)``, which restores by itself.
         """
+        if self._state.in_closure:
+            raise RuntimeError(
+                "restore() inside the closure of step(closure): step(closure) already perturbs "
+                "the closure and restores after it. Drop the perturb()/restore() calls from the "
+                "closure."
+            )
         self._restore(warn=True)
 
     def _restore(self, warn: bool) -> None:
@@ -574,11 +693,27 @@ class FlatPerturb(torch.optim.Optimizer):
                 "(model.train()), call modules as module(x), and build FlatPerturb before the "
                 "first call of a torch.compile'd model.",
             )
+        if (
+            state.auto
+            and state.resample == "call"
+            and sigma > 0
+            and state.calls_step > 0
+            and state.model_forwards == 0
+        ):
+            state.warn_once(
+                "call",
+                "FlatPerturb(auto=True, resample='call'): target layers ran training forwards "
+                "in this step but the model's own forward never ran its hooks, so every one of "
+                "them saw the same ε instead of a fresh draw per forward of the model. Call the "
+                "model as model(x), not model.forward(x) or a submodule alone, or use "
+                "resample='step'.",
+            )
         state.step += 1
         state.stds = {}  # the row norms of W' are the next step's to compute
         state.draw = 0
         state.perturbed_step = False
         state.calls_step = 0
+        state.model_forwards = 0
         return loss
 
     @staticmethod
@@ -591,9 +726,15 @@ class FlatPerturb(torch.optim.Optimizer):
         )
 
     def _perturbed_closure(self, closure: Callable[[], Any]) -> Callable[[], Any]:
+        state = self._state
+
         def perturbed_closure() -> Any:
             with torch.enable_grad(), self.perturbed():
-                return closure()
+                state.in_closure = True
+                try:
+                    return closure()
+                finally:
+                    state.in_closure = False
 
         return perturbed_closure
 
@@ -610,8 +751,13 @@ class FlatPerturb(torch.optim.Optimizer):
 
         That entry holds the seed, step count and noise settings, so loading it into a fresh
         wrapper continues the run bit for bit. A callable schedule is saved by its qualified
-        name (``module.qualname``).
+        name (``module.qualname``). Hooks registered with ``register_state_dict_pre_hook`` and
+        ``register_state_dict_post_hook`` run as on any ``torch.optim.Optimizer``: the
+        pre-hooks before anything is read, the post-hooks on the whole dict (``"flatopt"``
+        included), each free to return a replacement.
         """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         state = self._state
         sd = self._inner.state_dict()
         sd["flatopt"] = {
@@ -625,6 +771,10 @@ class FlatPerturb(torch.optim.Optimizer):
             "resample": state.resample,
             "rank_noise": state.rank_noise,
         }
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     def _check_own(self, own: Any) -> dict[str, Any]:
@@ -641,10 +791,10 @@ class FlatPerturb(torch.optim.Optimizer):
                     f"state_dict['flatopt'] has no {key!r} entry; was it written by "
                     "FlatPerturb.state_dict()? Nothing was loaded."
                 )
-        seed = own["seed"]
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"Invalid state_dict['flatopt']['seed']: {seed!r}; expected an int.")
+        seed = _check_seed(own["seed"], name="state_dict['flatopt']['seed']")
         sigma = check_sigma(own["sigma"], name="state_dict['flatopt']['sigma']")
+        where = "state_dict['flatopt'] "
+        total_steps = _check_total_steps(own["total_steps"], where=where)
         schedule = own["schedule"]
         current = self._state.schedule
         if schedule == "callable":
@@ -662,9 +812,7 @@ class FlatPerturb(torch.optim.Optimizer):
                 )
             schedule = current
         else:
-            _check_schedule(schedule, own["total_steps"], where="state_dict['flatopt'] ")
-        if own["total_steps"] is not None:
-            _check_schedule("linear", own["total_steps"], where="state_dict['flatopt'] ")
+            _check_schedule(schedule, total_steps, where=where)
         if own["resample"] not in _RESAMPLE:
             raise ValueError(
                 f"Invalid state_dict['flatopt']['resample']: {own['resample']!r}; expected "
@@ -681,30 +829,64 @@ class FlatPerturb(torch.optim.Optimizer):
             "draw": _check_count(own["draw"], "draw"),
             "sigma": sigma,
             "schedule": schedule,
-            "total_steps": own["total_steps"],
+            "total_steps": total_steps,
             "resample": own["resample"],
             "rank_noise": own["rank_noise"],
         }
+
+    def _replaced_settings(self, settings: dict[str, Any]) -> list[str]:
+        """The noise settings a checkpoint changes, as ``name: ours -> theirs``."""
+        state = self._state
+        names = ["sigma", "schedule", "total_steps", "resample", "rank_noise"]
+        if state.seed_given:  # a seed drawn at construction is meant to be replaced
+            names.append("seed")
+        changed = []
+        for name in names:
+            ours, theirs = getattr(state, name), settings[name]
+            if ours is not theirs and ours != theirs:
+                changed.append(f"{name}: this FlatPerturb's {ours!r}, the checkpoint's {theirs!r}")
+        return changed
+
+    @staticmethod
+    def _check_mapping(state_dict: Any, what: str) -> dict[str, Any]:
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(
+                f"{what} must be a dict, got {type(state_dict).__name__}. Pass what "
+                "FlatPerturb.state_dict() returned (e.g. torch.load(path)['optimizer'])."
+            )
+        return dict(state_dict)  # a shallow copy, as torch.optim.Optimizer makes
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a `state_dict`; the checkpoint's noise settings replace the current ones.
 
         The ``"flatopt"`` entry is checked whole first (types and ranges, by the
         constructor's rules) and loading is atomic: on any error nothing changes, the wrapped
-        optimizer included. A state dict written by the bare wrapped optimizer (no
-        ``"flatopt"`` entry) loads the optimizer state only, keeps flatopt's seed and step
-        count, and warns.
+        optimizer included. When the checkpoint's σ, schedule, total_steps, resample,
+        rank_noise or seed (a seed passed to the constructor; a drawn one is replaced
+        silently) differ from this wrapper's, it warns once, naming each: the checkpoint's
+        win. A state dict written by the bare wrapped optimizer (no ``"flatopt"`` entry)
+        loads the optimizer state only, keeps flatopt's seed and step count, and warns.
+
+        Hooks registered with ``register_load_state_dict_pre_hook`` and
+        ``register_load_state_dict_post_hook`` run as on any ``torch.optim.Optimizer``: each
+        pre-hook gets a shallow copy of ``state_dict`` and may return a replacement; the
+        post-hooks run once the state is loaded.
 
         Raises:
             RuntimeError: the perturbation is armed (explicit mode).
             ValueError: a bad or missing entry, or a callable schedule that differs from the
                 checkpoint's (compared by qualified name).
-            TypeError: an entry of the wrong type.
+            TypeError: ``state_dict`` is not a dict, or an entry has the wrong type.
         """
         state = self._state
         if state.arming is not None and not state.arming.auto:
             raise RuntimeError("load_state_dict() while perturbed; call opt.restore() first.")
-        own = state_dict.get("flatopt") if isinstance(state_dict, dict) else None
+        state_dict = self._check_mapping(state_dict, "state_dict")
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = self._check_mapping(result, "A load_state_dict pre-hook's result")
+        own = state_dict.get("flatopt")
         settings = self._check_own(own) if own is not None else None
         inner = {key: value for key, value in state_dict.items() if key != "flatopt"}
         before = self._inner.state_dict()
@@ -722,11 +904,23 @@ class FlatPerturb(torch.optim.Optimizer):
                 f"num_steps={state.step}.",
                 stacklevel=2,
             )
-            return
-        for key, value in settings.items():
-            setattr(state, key, value)
-        state.stds = {}
-        state.perturbed_step, state.calls_step = False, 0
+        else:
+            changed = self._replaced_settings(settings)
+            if changed:
+                warnings.warn(
+                    "load_state_dict() replaced noise settings this FlatPerturb was built with "
+                    f"by the checkpoint's ({'; '.join(changed)}): the checkpoint's win. Build "
+                    "FlatPerturb with the checkpoint's settings, or edit "
+                    "state_dict['flatopt'] before loading to keep yours.",
+                    stacklevel=2,
+                )
+            for key, value in settings.items():
+                setattr(state, key, value)
+            state.seed_given = True
+            state.stds = {}
+            state.perturbed_step, state.calls_step, state.model_forwards = False, 0, 0
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     # -- copies and pickles -----------------------------------------------------------------
 
@@ -750,7 +944,7 @@ class FlatPerturb(torch.optim.Optimizer):
                 "rank_noise": state.rank_noise,
                 "auto": state.auto,
             },
-            "progress": {"step": state.step, "draw": state.draw},
+            "progress": {"step": state.step, "draw": state.draw, "seed_given": state.seed_given},
         }
 
     def __setstate__(self, saved: dict[str, Any]) -> None:
