@@ -5,17 +5,30 @@ micro-batches, each a zero-argument callable returning the micro-batch's loss. G
 accumulated over the micro-batches, then the optimizer steps and the gradients are zeroed.
 
 - `PlainLoRA`: no perturbation.
-- `InPlace`: the official Flat-LoRA code's mechanism. Before the first micro-batch every target
-  weight gets ``W.add_(ε)`` with ε drawn from a seeded generator; after the last backward
-  ``W.sub_(ε)`` with ε regenerated from the same seed. The weights stay perturbed across the
-  micro-batches, so it draws twice per step whatever the accumulation. The noise scale is
-  ``flatopt.noise.noise_std``, so only the mechanism differs from FlatPerturb. It is inexact:
-  the round trip does not give back W bit for bit.
-- `LoRASAM`: SAM on the LoRA factors only. Per micro-batch: forward/backward at the current A, B;
-  a gradient-ascent step ε_AB = ρ·g/‖g‖ on A and B; forward/backward at the perturbed A, B;
-  A, B restored by subtracting the ascent step, as the original SAM code does (A and B are not
-  the weights whose exactness flatopt guarantees); the second gradients are accumulated and the
-  optimizer steps with them.
+- `InPlace`: the official Flat-LoRA code's mechanism (``FlatLoraTrainer.training_step`` in
+  ``logTrainer.py`` of github.com/nblt/Flat-LoRA), without its avoidable work. The official
+  code, per optimizer step: seeds torch's global generator once; for every LoRA layer, builds
+  the merged weight ``W + s·B @ A``, takes its row norms (``torch.norm(data, dim=1)``), scales
+  them to the std ``factor·ρ/√n·‖W'_i‖``, draws ``torch.normal(0, std.repeat(...))`` and adds
+  it with ``W.data += noise``, in layer order, keeping only the stds; after the last
+  micro-batch's backward it seeds the generator again and subtracts the regenerated noise,
+  layer by layer. Here the same: one seed per step, the targets drawn in order from one private
+  generator, the row norms of the merged weight built with one ``addmm`` in W's dtype (on a
+  GPU, one tensor-core matmul) and read in fp32, only the stds kept. It is cheaper where the
+  official code does extra work: z is drawn with ``normal_`` into one buffer and fused in with
+  ``W.addcmul_(z, std)`` (no weight-sized std tensor, no separate noise tensor, one pass over
+  W), undone with ``W.addcmul_(z, std, value=-1)``. Of flatopt it uses only the adapters (to
+  find the same weights) and the seed mixer, none of its hot path: not its row-norm identity,
+  its half-precision chunks or its blocked CPU draws (one ``normal_`` per weight on every
+  device, as the official code draws). The law is flatopt's: ε_ij = σ·‖W'_i‖/√n·z_ij with
+  z ~ N(0, 1). The weights stay perturbed across the micro-batches, so it draws twice per step
+  whatever the accumulation. It is inexact: the round trip does not give back W bit for bit.
+- `LoRASAM`: SAM (Foret et al.) on the LoRA factors only, as the reference SAM code
+  (``davda54/sam``) does it: per micro-batch, forward/backward at the current A, B; the ascent
+  ε_AB = ρ·g/‖g‖ (‖g‖ over every factor, with fused ``_foreach_norm``; the scale stays a device
+  tensor, so no step waits for the GPU); A, B saved and moved by ε_AB; forward/backward there;
+  A, B restored from the saved copy (bitwise); the second gradients are accumulated and the
+  optimizer steps with them. Two passes per micro-batch, which is what it costs.
 - `CopyRestore`: exact but heavy. It keeps a copy of every target weight, adds the noise in
   place, and copies the clean weights back after the backward: bitwise exact, at the price of
   one extra copy of all the target weights.
@@ -41,7 +54,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from flatopt.adapters import Target, find_targets
-from flatopt.noise import derive_seed, noise_std, row_dim
+from flatopt.noise import LowRank, derive_seed
 
 __all__ = [
     "SEED_DRAWS",
@@ -75,8 +88,31 @@ class PlainLoRA:
         self.optimizer.zero_grad()
 
 
+def _logical(tensor: Tensor, transposed: bool) -> Tensor:
+    """A weight (or a dense ΔW) as an ``(out, fan_in)`` matrix, a view where possible."""
+    if tensor.ndim == 2:
+        return tensor.t() if transposed else tensor
+    return (tensor.transpose(0, 1) if transposed else tensor).flatten(1)
+
+
+def merged_row_norms(target: Target) -> Tensor:
+    """‖W'_i‖ of the merged weight W' = W + ΔW, per logical row, as the official code takes it:
+    W' built in W's dtype (one ``addmm`` per low-rank factor pair), the norms read in fp32."""
+    weight = target.weight
+    merged = _logical(weight, target.transposed)
+    delta = target.delta() if target.delta is not None else None
+    if isinstance(delta, Tensor):
+        merged = merged + _logical(delta.to(weight.dtype), target.transposed)
+    elif delta is not None:
+        for factor in [delta] if isinstance(delta, LowRank) else list(delta):
+            B = factor.B.reshape(factor.B.shape[0], -1).to(weight.dtype)
+            A = factor.A.reshape(factor.A.shape[0], -1).to(weight.dtype)
+            merged = torch.addmm(merged, B, A, alpha=factor.scale)
+    return torch.linalg.vector_norm(merged, dim=1, dtype=torch.float32)
+
+
 class _Noisy:
-    """Shared by the perturb-in-place baselines: the targets, their scale and seeds."""
+    """Shared by the perturb-in-place baselines: the targets, the noise scale and the seed."""
 
     def __init__(self, model: nn.Module, sigma: float, seed: int):
         self.targets: list[Target] = [target for _, target in find_targets(model)]
@@ -84,54 +120,42 @@ class _Noisy:
         self.seed = seed
         self.num_steps = 0
         self.generator = torch.Generator(device=self.targets[0].weight.device)
-        # ‖W_i‖² of the frozen weights, cached once as FlatPerturb caches it.
-        self.base_sq = []
+        self.shapes = []  # where each target's std broadcasts: its rows' storage dim
         for target in self.targets:
             weight = target.weight
-            other = [d for d in range(weight.ndim) if d != row_dim(weight, target.transposed)]
-            with torch.no_grad():
-                norms = torch.linalg.vector_norm(weight, dim=other, dtype=torch.float32)
-            self.base_sq.append(norms.square())
+            shape = [1] * weight.ndim
+            shape[1 if target.transposed else 0] = -1
+            self.shapes.append(shape)
 
+    @torch.no_grad()
     def stds(self) -> list[Tensor]:
-        with torch.no_grad():
-            return [
-                noise_std(
-                    target.weight,
-                    target.delta() if target.delta is not None else None,
-                    self.sigma,
-                    transposed=target.transposed,
-                    base_sq=base_sq,
-                )
-                for target, base_sq in zip(self.targets, self.base_sq)
-            ]
+        """σ·‖W'_i‖/√n per target, in W's dtype and broadcastable against W."""
+        stds = []
+        for target, shape in zip(self.targets, self.shapes):
+            weight = target.weight
+            rows = weight.shape[1 if target.transposed else 0]
+            fan_in = max(weight.numel() // max(rows, 1), 1)
+            scale = self.sigma / math.sqrt(fan_in)
+            stds.append(merged_row_norms(target).mul_(scale).to(weight.dtype).view(shape))
+        return stds
 
-    def noise(self, index: int, target: Target, std: Tensor) -> Tensor:
-        """ε for target ``index`` at this step, regenerated bit for bit from its seed."""
-        weight = target.weight
-        self.generator.manual_seed(derive_seed(self.seed, self.num_steps, 0, index))
-        z = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-        z.normal_(generator=self.generator)
-        shape = [1] * weight.ndim
-        shape[row_dim(weight, target.transposed)] = -1
-        return z.mul_(std.view(shape).to(weight.dtype))
+    @torch.no_grad()
+    def _shift(self, stds: list[Tensor], sign: int) -> None:
+        """W ± ε for every target: one seed per step, the targets drawn in order."""
+        self.generator.manual_seed(derive_seed(self.seed, self.num_steps))
+        for target, std in zip(self.targets, stds):
+            weight = target.weight
+            z = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+            z.normal_(generator=self.generator)
+            weight.addcmul_(z, std, value=sign)
 
 
 class InPlace(_Noisy):
-    """The paper's in-place method: ``W.add_(ε)`` before, ``W.sub_(ε)`` after (inexact)."""
+    """The paper's in-place method: ``W += ε`` before, ``W -= ε`` after (inexact)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, sigma: float, seed: int):
         super().__init__(model, sigma, seed)
         self.optimizer = optimizer
-
-    @torch.no_grad()
-    def _shift(self, stds: list[Tensor], sign: int) -> None:
-        for index, (target, std) in enumerate(zip(self.targets, stds)):
-            epsilon = self.noise(index, target, std)
-            if sign > 0:
-                target.weight.add_(epsilon)
-            else:
-                target.weight.sub_(epsilon)
 
     def step(self, batches: Batches) -> None:
         stds = self.stds()
@@ -155,8 +179,7 @@ class CopyRestore(_Noisy):
         stds = self.stds()
         with torch.no_grad():
             saved = [target.weight.clone() for target in self.targets]
-            for index, (target, std) in enumerate(zip(self.targets, stds)):
-                target.weight.add_(self.noise(index, target, std))
+        self._shift(stds, +1)
         for batch in batches:
             _backward(batch, 1 / len(batches))
         with torch.no_grad():
@@ -186,13 +209,14 @@ class LoRASAM:
             with torch.no_grad():
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
                 norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-                ascent = torch._foreach_mul(grads, self.rho / (norm.item() + 1e-12))
-                torch._foreach_add_(params, ascent)
+                saved = [p.detach().clone() for p in params]
+                # ρ/‖g‖ stays on the device: nothing here waits for the GPU
+                torch._foreach_add_(params, torch._foreach_mul(grads, self.rho / (norm + 1e-12)))
             for p in params:
                 p.grad = None
             _backward(batch, scale)
             with torch.no_grad():
-                torch._foreach_sub_(params, ascent)
+                torch._foreach_copy_(params, saved)  # back to A, B bit for bit
                 second = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
                 if accumulated is None:
                     accumulated = second

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The GPU check: the CUDA test subset and both benchmarks with --device cuda, in at most 8 minutes.
+# The GPU check: the CUDA test subset, the benchmarks with --device cuda and a profile of the
+# GPU step, in at most 8 minutes.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        (default OUT_DIR: benchmarks/results/gpu)
 #
 # Run from anywhere, with the project's venv active (a CUDA build of torch, pytest and hypothesis;
 # `python`, else `python3`); it installs nothing, and puts this checkout first on PYTHONPATH so
-# that its flatopt is the one tested, installed or not. It stops at once, exit 2, where no CUDA device is visible. Each step has its
-# own time limit, and together they fit in 8 minutes (the limits shrink if time runs short).
-# OUT_DIR receives six files:
+# that its flatopt is the one tested, installed or not. It stops at once, exit 2, where no CUDA
+# device is visible. Each step has its own time limit, and together they fit in 8 minutes (the
+# limits shrink if time runs short; a step that finds no time left is recorded as skipped).
+# OUT_DIR receives:
 #   gpu_check.json       the verdict; torch, CUDA and the GPU; the summary of the tests (counts,
 #                        and each failure with its message); every step's command, exit status,
 #                        seconds, and whether it timed out
@@ -15,6 +17,12 @@
 #   overhead.json        benchmarks/overhead.py --device cuda (the GPU reference configuration)
 #   memory.json          benchmarks/memory.py --device cuda
 #   overhead_profile.json  the same with --profile, fewer rounds: GPU time by aten op (optional)
+#   gpu_profile.json     benchmarks/gpu_profile.py: host vs kernel time, launches, syncs and
+#                        kernels per method, FlatPerturb's extra per target (optional)
+#   overhead_tokens16384.json, overhead_accumulation4.json, overhead_width4096.json
+#                        overhead.py --device cuda --rounds 5 with --tokens 16384, with
+#                        --accumulation 4, and with --width 4096 --layers 4 --heads 32
+#                        --tokens 8192 (optional)
 #   gpu_check.log        what every step printed
 # The exit status is 0 when every required step passed, 1 otherwise.
 set -uo pipefail
@@ -83,12 +91,19 @@ run() {
   fi
 }
 
-run tests 240 required "$python" -m pytest -p no:cacheprovider --device cuda -q -rfE tests \
+run tests 140 required "$python" -m pytest -p no:cacheprovider --device cuda -q -rfE tests \
   --junitxml "$out/tests.xml" -o junit_family=xunit2
-run overhead 80 required "$python" benchmarks/overhead.py --device cuda --out "$out/overhead.json"
-run memory 60 required "$python" benchmarks/memory.py --device cuda --out "$out/memory.json"
-run overhead_profile 50 optional "$python" benchmarks/overhead.py --device cuda --profile \
+run overhead 60 required "$python" benchmarks/overhead.py --device cuda --out "$out/overhead.json"
+run memory 40 required "$python" benchmarks/memory.py --device cuda --out "$out/memory.json"
+run overhead_profile 40 optional "$python" benchmarks/overhead.py --device cuda --profile \
   --rounds 3 --out "$out/overhead_profile.json"
+run gpu_profile 60 optional "$python" benchmarks/gpu_profile.py --out "$out/gpu_profile.json"
+run overhead_tokens16384 40 optional "$python" benchmarks/overhead.py --device cuda --rounds 5 \
+  --tokens 16384 --out "$out/overhead_tokens16384.json"
+run overhead_accumulation4 50 optional "$python" benchmarks/overhead.py --device cuda --rounds 5 \
+  --accumulation 4 --out "$out/overhead_accumulation4.json"
+run overhead_width4096 40 optional "$python" benchmarks/overhead.py --device cuda --rounds 5 \
+  --width 4096 --layers 4 --heads 32 --tokens 8192 --out "$out/overhead_width4096.json"
 
 "$python" - "$out" "$steps_file" "$environment_file" "$SECONDS" <<'EOF' || failed=1
 import json, sys, xml.etree.ElementTree as ET
@@ -146,7 +161,8 @@ summary = {
     "tests": tests,
     "steps": steps,
 }
-for name in ("overhead", "memory", "overhead_profile"):
+for name in ("overhead", "memory", "overhead_profile", "gpu_profile", "overhead_tokens16384",
+             "overhead_accumulation4", "overhead_width4096"):
     path = out / f"{name}.json"
     summary[f"{name}_json"] = str(path) if path.exists() else None
 (out / "gpu_check.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -490,6 +490,189 @@ def perf_sweep() -> str:
     )
 
 
+GPU_RUN = "gpu/267cd22"  # the GPU measurement: flatopt at commit 267cd22 on an H200
+GPU_CONFIGS = (
+    ("d = 1024, 24 layers, 4096 tokens (the reference)", "overhead.json"),
+    ("the same, second run (`--profile --rounds 3`)", "overhead_profile.json"),
+    ("d = 1024, 24 layers, 16384 tokens", "o_tokens16384.json"),
+    ("d = 1024, 24 layers, 4096 tokens × 4 micro-batches", "o_accumulation4.json"),
+    ("d = 4096, 4 layers, 32 heads, 8192 tokens", "o_width4096layers4heads32tokens8192.json"),
+    ("reference, bf16 row norms patched in", "o_bf16_rownorm_patch.json"),
+)
+
+
+def perf_gpu() -> str:
+    """The H200 measurement of commit 267cd22: benchmarks/results/gpu/267cd22/*.json."""
+    check = results(f"{GPU_RUN}/gpu_check.json")
+    memory_run = results(f"{GPU_RUN}/memory.json")
+    reference = results(f"{GPU_RUN}/overhead.json")
+    rows = []
+    for label, name in GPU_CONFIGS:
+        data = results(f"{GPU_RUN}/{name}")
+        s = data["summary"]
+        rows.append(
+            f"| {label} | {data['cells'][0]['rounds']} | {1e3 * s['t_lora']:.1f} | "
+            f"{1e3 * s['t_flat']:.1f} | {s['flat_over_lora_paired_median']:.2f} | "
+            f"{s['flat_over_inplace_paired_median']:.2f} | {s['flat_over_sam_paired_median']:.2f} "
+            f"| {1e3 * s['t_rng']:.1f} |"
+        )
+    env = check["environment"]
+    s = reference["summary"]
+    flat_lora = [
+        results(f"{GPU_RUN}/{name}")["summary"]["flat_over_lora_paired_median"]
+        for name in ("overhead.json", "overhead_profile.json")
+    ]
+    extra = memory_run["tables"]["cuda"]["flat"]["extra_in_largest_targets"]
+    tests = check["tests"]
+    return "\n".join(
+        [
+            f"{env['gpu']}, torch build {env['torch']}, CUDA {env['cuda']}, bf16, flatopt at "
+            f"commit `267cd22`; {tests['passed']} CUDA tests passed, {tests['failures']} failed. "
+            "Times are medians over rounds (3 steps each), ratios medians of per-round ratios:",
+            "",
+            "| configuration | rounds | t_lora (ms) | t_flat (ms) | flat / LoRA | flat / in-place "
+            "| flat / LoRA-SAM | t_rng (ms) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            *rows,
+            "",
+            "Against the GPU targets at the reference configuration: t_flat ≤ 1.10 × t_lora "
+            f"{_verdict(max(flat_lora), 1.10)} ({_span(flat_lora, lambda v: f'{v:.2f}')}), "
+            "t_flat ≤ 0.55 × LoRA-SAM "
+            f"{_verdict(s['flat_over_sam_paired_median'], 0.55)} "
+            f"({s['flat_over_sam_paired_median']:.2f}), t_flat ≤ 1.0 × in-place "
+            f"{_verdict(s['flat_over_inplace_paired_median'], 1.0)} "
+            f"({s['flat_over_inplace_paired_median']:.2f}); peak memory ≤ +1 largest layer "
+            f"{_verdict(extra, 1.0)} (+{extra:.2f}, `torch.cuda.max_memory_allocated`).",
+        ]
+    )
+
+
+def _kernel_label(name: str) -> str:
+    for key, label in (
+        ("simt_sgemm", "fp32 SIMT GEMM (`cutlass_80_simt_sgemm_*`)"),
+        ("splitKreduce", "cuBLASLt split-K reduction"),
+        ("direct_copy_kernel", "dtype copy (`direct_copy_kernel_cuda`)"),
+        ("addcmul", "`addcmul` (W + z·std)"),
+        ("normal_and_transform", "`normal_` draw"),
+        ("Memcpy DtoD", "device-to-device copy"),
+    ):
+        if key in name:
+            return label
+    return "other kernels"
+
+
+_HOST_ROWS = ("aten::", "Optimizer.", "profiler::", "cuda", "Activity", "Buffer", "Memset")
+
+
+def perf_gpu_profile() -> str:
+    """FlatPerturb's extra GPU kernels per step: gpu/267cd22/overhead_profile.json.
+
+    That file lists aten ops and kernels side by side, each aten op with the GPU time of its
+    kernels: the GPU time of a step is the sum over the kernel rows alone."""
+    data = results(f"{GPU_RUN}/overhead_profile.json")
+    cell = data["cells"][0]
+    profile, targets = cell["profile"], cell["num_targets"]
+    wall = profile["wall_ms_per_step"]
+    kernels = [r for r in profile["ops_by_extra_time"] if not r["op"].startswith(_HOST_ROWS)]
+    gpu = {m: sum(r[f"self_ms_{m}"] for r in kernels) for m in ("lora", "flat")}
+    groups: dict[str, list[float]] = {}
+    for row in kernels:
+        if row["extra_ms"] <= 0:
+            continue
+        label = _kernel_label(row["op"])
+        count, ms = groups.get(label, [0, 0.0])
+        groups[label] = [count + row["calls_flat"] - row["calls_lora"], ms + row["extra_ms"]]
+    ordered = sorted(groups.items(), key=lambda item: -item[1][1])
+    rows = [
+        f"| {label} | {count:,} | {count / targets:.1f} | {ms:.1f} | {1e3 * ms / targets:.0f} |"
+        for label, (count, ms) in ordered
+    ]
+    summary = cell["summary"]
+    extra_wall = 1e3 * (summary["t_flat"] - summary["t_lora"])
+    extra_gpu = gpu["flat"] - gpu["lora"]
+    return "\n".join(
+        [
+            f"Under the profiler ({profile['steps_per_method']} steps each), a plain LoRA step "
+            f"took {wall['lora']:.0f} ms of wall time for {gpu['lora']:.0f} ms of kernels, a "
+            f"FlatPerturb step {wall['flat']:.0f} ms for {gpu['flat']:.0f} ms. Unprofiled, in "
+            f"the same run, FlatPerturb added {extra_wall:.0f} ms per step, of which its "
+            f"kernels account for {extra_gpu:.0f} ms ({_percent(extra_gpu / extra_wall)}). The "
+            "kernels it adds, per step:",
+            "",
+            "| kernel | extra launches per step | per target | extra GPU ms per step | µs per "
+            "target |",
+            "|---|---:|---:|---:|---:|",
+            *rows,
+        ]
+    )
+
+
+def _host_reads(config: dict) -> int:
+    reads = config["host_reads"]
+    return max(reads["flat_minus_lora"], reads["from_flatopt"])
+
+
+_OPS_COLUMNS = (  # (value of one configuration's record, format)
+    (lambda c: c["per_target"]["ops_per_micro_batch"], "{:.1f}"),
+    (lambda c: c["per_target"]["kernel_ops_per_micro_batch"], "{:.1f}"),
+    (lambda c: c["per_target"]["ops_per_step"], "{:.1f}"),
+    (lambda c: c["per_target"]["kernel_ops_per_step"], "{:.1f}"),
+    (_host_reads, "{}"),
+    (lambda c: c["weight_sized_alive_max"]["flatopt"], "{}"),
+)
+
+
+def _ops_rows(before: dict, after: dict | None) -> list[str]:
+    now = {c["config"]: c for c in after["configs"]} if after else {}
+    rows = []
+    for config in before["configs"]:
+        later = now.get(config["config"])
+        cells = []
+        for get, form in _OPS_COLUMNS:
+            text = form.format(get(config))
+            cells.append(text if later is None else f"{text} → {form.format(get(later))}")
+        one = config["draw_layout"].startswith("one block")
+        draws = "one block, as on CUDA" if one else "in blocks, as on CPU"
+        rows.append(
+            f"| `{config['config']}` | {config['targets']} | {draws} | " + " | ".join(cells) + " |"
+        )
+    return rows
+
+
+def perf_ops() -> str:
+    """Aten ops per target: ops_per_step_before.json, and ops_per_step.json once it exists."""
+    before = results("ops_per_step_before.json")
+    after = results("ops_per_step.json") if (RESULTS / "ops_per_step.json").exists() else None
+    if after is None:
+        head = (
+            f"flatopt at commit `{before['flatopt_commit']}` (no later count is recorded yet), "
+            f"torch {before['torch'].split('+')[0]} on CPU, one thread:"
+        )
+    else:
+        later = after.get("flatopt_commit") or "unknown"
+        dirty = " with uncommitted changes" if after.get("flatopt_uncommitted_changes") else ""
+        head = (
+            f"Each cell is flatopt at commit `{before['flatopt_commit']}` → at `{later}`{dirty}; "
+            f"torch {after['torch'].split('+')[0]} on CPU, one thread:"
+        )
+    targets = before["targets"]
+    return "\n".join(
+        [
+            head,
+            "",
+            "| configuration | targets | draws | ops / target / micro-batch | of which "
+            "launch a kernel | ops / target / step | of which launch a kernel | host reads | "
+            "weight-sized temporaries alive at most |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+            *_ops_rows(before, after),
+            "",
+            f"The targets: ≤ {targets['ops_per_target_per_micro_batch']} aten ops per target per "
+            f"micro-batch for a plain LoRA Linear, {targets['host_reads']} host reads, ≤ "
+            f"{targets['weight_sized_alive']} weight-sized temporaries alive at once.",
+        ]
+    )
+
+
 GENERATORS = {
     "perf-sweep": perf_sweep,
     "drift": drift,
@@ -503,6 +686,9 @@ GENERATORS = {
     "perf-memory": perf_memory,
     "perf-fsdp": perf_fsdp,
     "perf-seed-space": perf_seed_space,
+    "perf-gpu": perf_gpu,
+    "perf-gpu-profile": perf_gpu_profile,
+    "perf-ops": perf_ops,
 }
 
 
