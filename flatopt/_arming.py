@@ -25,11 +25,9 @@ from torch import Tensor, nn
 from ._output import OutputNoise, dequantized, is_dtensor, is_plain, layer_op
 from .adapters import Target
 from .noise import (
-    DENSE_ROW_NORMS,
     _broadcast,
     _perturbed_weight,
     _row_norms,
-    base_row_sq,
     draw_noise,
     row_dim,
     std_scale,
@@ -98,21 +96,6 @@ def _full(delta: Any, unwrap: bool = False) -> Any:
     return delta
 
 
-def _cache_key(weight: Tensor) -> Optional[tuple]:
-    """What ‖W_i‖² depends on: the object, its version, its storage, layout, dtype, device."""
-    if weight.layout != torch.strided or not is_plain(weight):
-        return None
-    return (
-        id(weight),
-        weight._version,
-        weight.data_ptr(),
-        weight.shape,
-        weight.stride(),
-        weight.dtype,
-        weight.device,
-    )
-
-
 class Reader:
     """One module that reads a site's weight: where the tensor lives and where it was found."""
 
@@ -144,7 +127,7 @@ class Reader:
 
 class Site:
     """One perturbed weight: its name, index, layout, the modules that read it (several for
-    tied weights, all seeing the same ε) and a cache of its base row norms."""
+    tied weights, all seeing the same ε)."""
 
     def __init__(self, index: int, name: str, readers: Sequence[Reader]):
         self.index = index
@@ -155,8 +138,6 @@ class Site:
         weight = self.readers[0].read()
         rows = weight.shape[row_dim(weight, self.transposed)]
         self.logical_shape = (rows, weight.numel() // max(rows, 1))
-        self._base_key: Optional[tuple] = None
-        self._base_sq: Optional[Tensor] = None
         if not is_plain(weight) and not is_dtensor(weight):
             for reader in self.readers:
                 self._check_quantized(reader, weight)
@@ -183,17 +164,10 @@ class Site:
         try:
             delta = _full(target.delta(), unwrap) if target.delta is not None else None
             dense = weight if is_plain(weight) else dequantized(weight)
-            base_sq = None
-            identity = dense.numel() > DENSE_ROW_NORMS or delta is None
-            if identity and not isinstance(delta, Tensor) and not weight.requires_grad:
-                # ‖W_i‖² of a frozen weight is reused while the weight is unchanged.
-                key = _cache_key(weight)
-                if key is None or key != self._base_key:
-                    self._base_sq = base_row_sq(dense, self.transposed)
-                    self._base_key = key
-                base_sq = self._base_sq
+            # Recomputed from W at every step, never cached: W may change in ways no version
+            # counter sees (writes through .data, merges, a replaced Parameter).
             scale = std_scale(dense, sigma, self.transposed)
-            return _row_norms(dense, delta, self.transposed, base_sq, scale)
+            return _row_norms(dense, delta, self.transposed, None, scale)
         finally:
             if grad:
                 torch._C._set_grad_enabled(True)
@@ -260,16 +234,32 @@ class _Slot:
     A pickled or copied slot comes back empty: what is armed belongs to the original model.
     """
 
-    __slots__ = ("__weakref__", "auto", "clean", "frames", "installed", "owner", "swaps", "watch")
+    __slots__ = (
+        "__weakref__",
+        "auto",
+        "calls",
+        "clean",
+        "frames",
+        "installed",
+        "owner",
+        "swaps",
+        "thread",
+        "watch",
+    )
 
     def __init__(self) -> None:
         self.swaps: dict[str, _Swap] = {}  # param name -> the armed swap
         self.frames: list[list[Any]] = []  # one entry per call in flight
+        self.thread: Optional[int] = None  # the thread whose armed calls are in flight
+        self.calls = 0  # armed calls in flight under the `_Guard` (nested calls count each)
         self.auto = False  # a FlatPerturb(auto=True) arms itself from this module's forward
-        self.owner: Optional[weakref.ref] = None
+        self.owner: Optional[weakref.ref] = None  # the FlatPerturb state the module belongs to
         self.installed = True
         self.watch = False  # an explicit FlatPerturb counts training forwards left clean
         self.clean = 0
+
+    def armed(self, module: nn.Module) -> bool:
+        return bool(self.swaps) or (self.auto and module.training)
 
     def __reduce__(self) -> tuple:
         return (_Slot, ())
@@ -328,35 +318,137 @@ class _StateDictHook:
         return (_StateDictHook, (self.slot,))
 
 
+class _Guard:
+    """A target module's call (``module._compiled_call_impl``, which ``Module.__call__`` runs in
+    eager mode): whatever ends the call, a KeyboardInterrupt included, nothing it armed stays.
+
+    torch runs the forward hook (``always_call=True``) only when the forward raises an
+    ``Exception``; a KeyboardInterrupt or SystemExit would leave W + ε in the module and the
+    saved-tensor hooks pushed. ``Module.__getstate__`` drops the guard, so pickles and copies
+    never carry it; under torch.compile, dynamo calls ``_call_impl`` itself.
+    """
+
+    __slots__ = ("inner", "module", "slot")
+
+    def __init__(self, slot: _Slot, module: nn.Module, inner: Optional[Callable[..., Any]]):
+        self.slot = slot
+        self.module = weakref.ref(module)
+        self.inner = inner  # a _compiled_call_impl that was there before (module.compile())
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        module = self.module()
+        call = self.inner if self.inner is not None else module._call_impl
+        slot = self.slot
+        if not slot.armed(module):
+            return call(*args, **kwargs)
+        mine = slot.thread is None or slot.thread == threading.get_ident()
+        if not mine:
+            return call(*args, **kwargs)  # refused by the pre-hook, with the reason
+        depth = len(slot.frames)
+        slot.calls += 1
+        try:
+            return call(*args, **kwargs)
+        except BaseException:
+            if slot.thread == threading.get_ident():
+                while len(slot.frames) > depth:
+                    _undo(slot.frames.pop())
+                if not slot.frames:
+                    slot.thread = None
+            raise
+        finally:
+            slot.calls -= 1
+
+
+def _guard(slot: _Slot, module: nn.Module) -> None:
+    """Put the `_Guard` of ``slot`` on ``module`` unless it is there (a copy lacks it)."""
+    current = module.__dict__.get("_compiled_call_impl")
+    if isinstance(current, _Guard) and current.slot is slot:
+        return
+    module._compiled_call_impl = _Guard(slot, module, current)
+
+
+_claim = threading.Lock()
+
+
+def _concurrent(slot: _Slot, module: nn.Module) -> RuntimeError:
+    return RuntimeError(
+        f"{type(module).__name__} is perturbed and was called from two threads at once: each "
+        "call swaps W + ε into the module, so concurrent calls would see each other's weights. "
+        "Run the perturbed forwards of one model on one thread (one model copy per thread, "
+        "or evaluate the threads' batches after opt.restore())."
+    )
+
+
 _is_compiling = torch.compiler.is_compiling
 
 
 def _pre(slot: _Slot, module: nn.Module) -> None:
-    if slot.frames:
-        _unwind(slot)  # a forward interrupted by a non-Exception left its W + ε behind
-    if not slot.swaps:
-        owner = slot.owner() if slot.owner is not None else None
-        if owner is None:
-            slot.auto = False
-            return
-        owner.auto_arm()
+    me = threading.get_ident()
+    with _claim:
+        if slot.thread is not None and slot.thread != me:
+            raise _concurrent(slot, module)
+        slot.thread = me
+    try:
+        if slot.frames:
+            if slot.calls > 1:  # the module is called inside its own forward: keep its W + ε
+                slot.frames.append(_nested(slot, module))
+                return
+            _unwind(slot)  # a forward interrupted outside the guard (compiled) left W + ε
         if not slot.swaps:
-            return
-    frame = []
+            owner = slot.owner() if slot.owner is not None else None
+            if owner is None or not slot.auto:
+                slot.auto = False
+                return
+            owner.auto_arm()
+            if not slot.swaps:
+                return
+        frame: list[Any] = []
+        try:
+            for swap in slot.swaps.values():
+                frame.append(swap.pre(module))
+        except BaseException:
+            _undo(frame)
+            raise
+        slot.frames.append(frame)
+    finally:
+        if not slot.frames:
+            slot.thread = None
+
+
+def _nested(slot: _Slot, module: nn.Module) -> list[Any]:
+    """The frame of a call made inside the module's own forward: the outer call's W + ε stays
+    in place for both (the outer saved-tensor hooks cover the inner call's saved tensors)."""
+    outer: dict[_Swap, _Entry] = {}
+    for frame in reversed(slot.frames):  # the innermost call that swapped each weight in
+        for entry in frame:
+            if entry is not None:
+                outer.setdefault(entry.swap, entry)
+    nested: list[Any] = []
     try:
         for swap in slot.swaps.values():
-            frame.append(swap.pre(module))
+            entry = outer.get(swap)
+            held = entry is not None and entry.perturbed is not None
+            if held and _read(swap.reader.owner, swap.reader.attr) is entry.perturbed:
+                nested.append(None)
+            else:
+                nested.append(swap.pre(module))
     except BaseException:
-        _undo(frame)
+        _undo(nested)
         raise
-    slot.frames.append(frame)
+    return nested
 
 
 def _post(slot: _Slot, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
+    if slot.thread != threading.get_ident():
+        return output  # another thread's call in flight; this one was refused in its pre-hook
     frame = slot.frames.pop()
-    for entry in reversed(frame):
-        if entry is not None:
-            output = entry.swap.post(entry, args, kwargs, output)
+    try:
+        for entry in reversed(frame):
+            if entry is not None:
+                output = entry.swap.post(entry, args, kwargs, output)
+    finally:
+        if not slot.frames:
+            slot.thread = None
     return output
 
 
@@ -385,6 +477,7 @@ def _undo(frame: list[Any]) -> None:
 def _unwind(slot: _Slot) -> None:
     while slot.frames:
         _undo(slot.frames.pop())
+    slot.thread = None
 
 
 def find_slot(module: nn.Module) -> Optional[_Slot]:
@@ -403,6 +496,7 @@ def _slot(module: nn.Module) -> _Slot:
         module.register_forward_pre_hook(_PreHook(slot))
         module.register_forward_hook(_PostHook(slot), with_kwargs=True, always_call=True)
         module.register_state_dict_pre_hook(_StateDictHook(slot))
+    _guard(slot, module)
     return slot
 
 
@@ -459,9 +553,16 @@ def drop_hooks(module: nn.Module) -> None:
                 "_forward_pre_hooks_with_kwargs",
             ):
                 getattr(module, extra, {}).pop(key, None)
+    guard = module.__dict__.get("_compiled_call_impl")
+    if isinstance(guard, _Guard):
+        if guard.inner is None:
+            del module.__dict__["_compiled_call_impl"]
+        else:
+            module._compiled_call_impl = guard.inner
     if slot is not None:
         slot.installed = False
         slot.auto = False
+        slot.owner = None
         slot.swaps.clear()
 
 
@@ -745,6 +846,8 @@ def _unpack(packed: Any) -> Tensor:
                 full = packed.noise.apply(packed.weight)
         else:
             full = packed.noise.apply(packed.weight)
+        if packed.offset == 0 and packed.size == full.shape and packed.stride == full.stride():
+            return full  # autograd saved W + ε itself: no view to rebuild
         return full.as_strided(packed.size, packed.stride, packed.offset)
     if isinstance(packed, _Outer):
         return packed.unpack(packed.packed)

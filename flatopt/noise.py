@@ -22,8 +22,8 @@ from torch import Tensor
 
 __all__ = [
     "BLOCK_ELEMENTS",
-    "DENSE_ROW_NORMS",
     "SCHEDULES",
+    "TARGET_STRIDE",
     "LowRank",
     "base_row_sq",
     "block_seed",
@@ -35,6 +35,7 @@ __all__ = [
     "row_dim",
     "row_norms",
     "schedule_factor",
+    "seed_block",
     "seed_of_target",
     "step_seed",
 ]
@@ -121,6 +122,7 @@ def schedule_factor(schedule: Schedule, step: int, total_steps: int | None) -> f
 
 
 _MASK64 = (1 << 64) - 1
+_MASK32 = (1 << 32) - 1
 
 
 def _splitmix64(x: int) -> int:
@@ -133,8 +135,10 @@ def _splitmix64(x: int) -> int:
 def derive_seed(seed: int, step: int, draw: int = 0, target: int = 0, rank: int = 0) -> int:
     """Mix (seed, step, draw, target, rank) into one 63-bit generator seed.
 
-    Every input bit reaches every output bit (splitmix64), so neighbouring steps and targets get
-    unrelated streams. Note that torch's CPU generator keeps only the low 32 bits of a seed.
+    The high 31 bits are a hash of every input; the low 32 bits are a hash of (seed, step,
+    draw, rank) plus ``target`` · `TARGET_STRIDE`, so the targets of one draw never share
+    their low 32 bits (up to 4096 targets), which are all torch's CPU generator keeps of a
+    seed. Neighbouring steps, draws and ranks get unrelated streams.
 
     Example:
         >>> derive_seed(0, 1) != derive_seed(0, 2)
@@ -155,10 +159,18 @@ def step_seed(seed: int, step: int, draw: int = 0) -> int:
     return _splitmix64(h ^ (draw & _MASK64))
 
 
+TARGET_STRIDE = 1 << 20
+"""The low 32 bits of the seeds of one draw's targets are ``key + target · TARGET_STRIDE``
+(mod 2³²), and block ``b`` of a target adds ``b``: every block of a draw has its own low 32 bits
+while a weight has fewer than 2²⁰ blocks (6.9·10¹⁰ elements) and the draw at most 4096
+targets."""
+
+
 def seed_of_target(prefix: int, target: int, rank: int = 0) -> int:
     """Finish `derive_seed` from a `step_seed` prefix: one target's seed on one rank."""
-    h = _splitmix64(prefix ^ (target & _MASK64))
-    return _splitmix64(h ^ (rank & _MASK64)) >> 1
+    key = _splitmix64(prefix ^ _splitmix64(rank & _MASK64))
+    high = _splitmix64(key ^ (target & _MASK64)) >> 33
+    return (high << 32) | ((key + target * TARGET_STRIDE) & _MASK32)
 
 
 def row_dim(weight: Tensor, transposed: bool = False) -> int:
@@ -200,14 +212,8 @@ def base_row_sq(weight: Tensor, transposed: bool = False) -> Tensor:
     return torch.linalg.vector_norm(weight, dim=other, dtype=_accumulate_dtype(weight)).square()
 
 
-DENSE_ROW_NORMS = 1 << 16
-"""Weights of at most this many elements get their row norms from W' itself: one ``addmm`` and
-one norm, which beats the identity's half-dozen small kernels where launch costs dominate.
-Larger weights use the identity and never build ``B @ A``."""
-
-
-def _merged_factors(delta: Delta, acc: torch.dtype) -> tuple[Tensor, Tensor, float] | None:
-    """ΔW = scale · B @ A with every active adapter stacked: ``[s₁B₁, s₂B₂, …] @ [A₁; A₂; …]``."""
+def _merged_factors(delta: Delta, dtype: torch.dtype) -> tuple[Tensor, Tensor, float] | None:
+    """ΔW = scale · B @ A in ``dtype``, every active adapter stacked: ``[s₁B₁, …] @ [A₁; …]``."""
     factors = [delta] if isinstance(delta, LowRank) else list(delta or ())
     if not factors:
         return None
@@ -215,16 +221,15 @@ def _merged_factors(delta: Delta, acc: torch.dtype) -> tuple[Tensor, Tensor, flo
         f = factors[0]
         B = f.B if f.B.ndim == 2 else f.B.reshape(f.B.shape[0], -1)
         A = f.A if f.A.ndim == 2 else f.A.reshape(f.A.shape[0], -1)
-        return B, A, f.scale
-    B = torch.cat([f.scale * f.B.reshape(f.B.shape[0], -1).to(acc) for f in factors], 1)
-    A = torch.cat([f.A.reshape(f.A.shape[0], -1).to(acc) for f in factors], 0)
+        return _as(B, dtype), _as(A, dtype), f.scale
+    B = torch.cat([f.scale * f.B.reshape(f.B.shape[0], -1).to(dtype) for f in factors], 1)
+    A = torch.cat([f.A.reshape(f.A.shape[0], -1).to(dtype) for f in factors], 0)
     return B, A, 1.0
 
 
 def _weight_times(weight: Tensor, A: Tensor, transposed: bool, acc: torch.dtype) -> Tensor:
     """W·Aᵀ in ``acc`` precision. fp32 and fp64 weights are read as they are; half-precision
-    weights are upcast a row chunk at a time, so fp16 cannot overflow and no weight-sized fp32
-    copy is ever made."""
+    weights are upcast a row chunk at a time, so no weight-sized fp32 copy is ever made."""
     if weight.dtype == acc:
         if transposed and weight.ndim == 2:
             return (A @ weight).t()
@@ -245,17 +250,19 @@ def row_norms(
 ) -> Tensor:
     """Return ‖W'_i,:‖₂ per logical row of W' = W + ΔW, in fp32 (fp64 for fp64 weights).
 
-    A `LowRank` delta (or a list of them) uses the identity
-    ‖W_i + s·B_i·A‖² = ‖W_i‖² + 2s·B_i·(W·Aᵀ)_i + s²·B_i·(A·Aᵀ)·B_iᵀ, which costs
-    O(m·n·r) and never builds ``B @ A``; weights of at most `DENSE_ROW_NORMS` elements build W'
-    (cheaper there). A tensor delta is in the weight's storage layout. Sums are accumulated in
-    fp32 (fp64 for fp64 weights), so large half-precision weights cannot overflow.
+    For a `LowRank` delta (or a list of them) W' is one ``addmm`` in W's dtype (on tensor
+    cores where there are some; fp16 weights: in fp32, a row chunk at a time), and its rows
+    are reduced with fp32 (fp64) accumulation, so large half-precision weights cannot
+    overflow. The temporary W' is freed before this returns. A tensor delta is in the
+    weight's storage layout.
 
     Args:
         weight: the base weight in its storage layout.
         delta: None, a tensor like ``weight``, a `LowRank` or a sequence of them.
         transposed: the weight is stored as ``(fan_in, out)``.
-        base_sq: optional cached ‖W_i‖², to skip the pass over W.
+        base_sq: optional ‖W_i‖², known to the caller: a `LowRank` delta then uses the
+            identity ‖W_i + s·B_i·A‖² = ‖W_i‖² + 2s·B_i·(W·Aᵀ)_i + s²·B_i·(A·Aᵀ)·B_iᵀ,
+            which never builds W' (the caller answers for ``base_sq`` matching W).
 
     Example:
         >>> W = torch.tensor([[3.0, 4.0], [0.0, 1.0]])
@@ -277,25 +284,40 @@ def _row_norms(
     if isinstance(delta, Tensor):
         norms = base_row_sq(weight.to(acc) + delta.to(acc), transposed).sqrt_()
         return norms if scale == 1.0 else norms.mul_(scale)
-    factors = _merged_factors(delta, acc)
+    # W' is built in W's dtype (bf16 on tensor cores), except fp16: its 5-bit exponent could
+    # overflow or flush c·W', so it is built in fp32 a row chunk at a time.
+    half = weight.dtype == torch.float16
+    factors = _merged_factors(delta, acc if half or base_sq is not None else weight.dtype)
     if factors is None:
         norms = (base_row_sq(weight, transposed) if base_sq is None else base_sq).sqrt()
         return norms if scale == 1.0 else norms.mul_(scale)
     B, A, factor = factors
-    B, A = _as(B, acc), _as(A, acc)
-    if weight.numel() <= DENSE_ROW_NORMS:
-        # c·W' itself, in acc precision (a new tensor: W is never written): ‖c·W'_i‖ = c·‖W'_i‖
-        # for c > 0, so the scale rides in the addmm.
-        matrix = _as(_logical_matrix(weight, transposed), acc)
-        merged = torch.addmm(matrix, B, A, beta=scale, alpha=scale * factor)
-        return torch.linalg.vector_norm(merged, dim=1)
-    if base_sq is None:
-        base_sq = base_row_sq(weight, transposed)
-    WA = _weight_times(weight, A, transposed, acc)
-    # ‖W_i + s·B_i·A‖² = ‖W_i‖² + B_i·(2s·(W·Aᵀ)_i + s²·(B·A·Aᵀ)_i)
-    inner = torch.addmm(WA, B, A @ A.t(), beta=2 * factor, alpha=factor * factor)
-    norms = (base_sq + torch.linalg.vecdot(B, inner)).clamp_min_(0).sqrt_()
-    return norms if scale == 1.0 else norms.mul_(scale)
+    if base_sq is not None:
+        WA = _weight_times(weight, A, transposed, acc)
+        # ‖W_i + s·B_i·A‖² = ‖W_i‖² + B_i·(2s·(W·Aᵀ)_i + s²·(B·A·Aᵀ)_i)
+        inner = torch.addmm(WA, B, A @ A.t(), beta=2 * factor, alpha=factor * factor)
+        norms = (base_sq + torch.linalg.vecdot(B, inner)).clamp_min_(0).sqrt_()
+        return norms if scale == 1.0 else norms.mul_(scale)
+    matrix = _logical_matrix(weight, transposed)
+    if half:
+        rows = matrix.shape[0]
+        step = max(1, -(-rows // 8)) if matrix.numel() > BLOCK_ELEMENTS else rows
+        norms = torch.cat(
+            [
+                torch.linalg.vector_norm(
+                    torch.addmm(matrix[i : i + step].to(acc), B[i : i + step], A, alpha=factor),
+                    dim=1,
+                )
+                for i in range(0, rows, step)
+            ]
+        )
+        return norms if scale == 1.0 else norms.mul_(scale)
+    # c·W' (a new tensor: W is never written): ‖c·W'_i‖ = c·‖W'_i‖ for c > 0, so the scale
+    # rides in the addmm.
+    merged = torch.addmm(matrix, B, A, beta=scale, alpha=scale * factor)
+    norms = torch.linalg.vector_norm(merged, dim=1, dtype=acc)
+    del merged  # before W + ε is allocated: the peak stays one weight-sized tensor
+    return norms
 
 
 def noise_std(
@@ -345,13 +367,65 @@ whole tensor as one block."""
 
 
 def block_seed(seed: int, index: int) -> int:
-    """The seed of block ``index`` of a draw seeded with ``seed``; block 0 uses ``seed`` itself.
+    """The 64-bit seed of block ``index`` of a multi-block CPU draw seeded with ``seed``.
+
+    The low 32 bits mix ``seed + index`` (mod 2³²) bijectively, so the blocks of one draw
+    never share them (see `TARGET_STRIDE`); the high 32 bits hash (seed, index). `seed_block`
+    seeds a generator with all 64 bits.
 
     Example:
-        >>> block_seed(7, 0), block_seed(7, 1) != 7
-        (7, True)
+        >>> block_seed(7, 0) != block_seed(7, 1)
+        True
     """
-    return seed if index == 0 else _splitmix64(seed ^ _splitmix64(index)) >> 1
+    low = _fmix32((seed + index) & _MASK32)
+    high = _splitmix64(seed ^ _splitmix64(index)) >> 32
+    if high == low:  # the two halves would cancel in `seed_block`
+        high ^= 0x9E3779B9
+    return (high << 32) | low
+
+
+def _fmix32(x: int) -> int:
+    """MurmurHash3's 32-bit finaliser: a bijection of [0, 2³²) that mixes every bit."""
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & _MASK32
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & _MASK32
+    return x ^ (x >> 16)
+
+
+# The 624 words of mt19937 in the bytes of torch's CPU generator state (a uint64 each, after the
+# initial seed, `left`, `seeded` and `next`).
+_STATE_BYTES = 5056
+_WORDS = slice(24, 24 + 624 * 8)
+
+
+def seed_block(generator: torch.Generator, seed: int) -> None:
+    """Seed a CPU ``generator`` with all 64 bits of ``seed``.
+
+    torch's CPU generator (mt19937) keeps 32 bits of a seed. mt19937 is linear over GF(2),
+    tempering included, so the state state(low) XOR state(high) yields the XOR of the two
+    32-bit streams: two seeds that share one half still draw independent z. It costs two
+    seedings and a copy of the 5 kB state, a few µs per block of `BLOCK_ELEMENTS`.
+
+    Example:
+        >>> g = torch.Generator()
+        >>> seed_block(g, 5 | 1 << 32); a = torch.randn(3, generator=g)
+        >>> seed_block(g, 5 | 2 << 32); b = torch.randn(3, generator=g)
+        >>> torch.equal(a, b)
+        False
+    """
+    low, high = seed & _MASK32, (seed >> 32) & _MASK32
+    generator.manual_seed(low)
+    state = generator.get_state()
+    if state.numel() != _STATE_BYTES:  # pragma: no cover - a torch with another generator
+        raise RuntimeError(
+            f"torch's CPU generator state is {state.numel()} bytes, not the {_STATE_BYTES} of "
+            "the mt19937 layout flatopt seeds 64 bits into; please report this torch version."
+        )
+    generator.manual_seed(high)
+    other = generator.get_state()
+    state[_WORDS].view(torch.int64).bitwise_xor_(other[_WORDS].view(torch.int64))
+    generator.set_state(state)
 
 
 def blocks(weight: Tensor) -> list[slice]:
@@ -440,7 +514,7 @@ def _perturbed_weight(
         def fill(index: int, block_generator: torch.Generator) -> None:
             rows = parts[index]
             block = out[rows]
-            block_generator.manual_seed(block_seed(seed, index))
+            seed_block(block_generator, block_seed(seed, index))
             block.normal_(generator=block_generator)
             block_scale = scale if scale.shape[0] == 1 else scale[rows]
             torch.addcmul(weight[rows], block, block_scale, out=block)
@@ -455,8 +529,12 @@ def _standard_normal(
     weight: Tensor, generator: torch.Generator, seed: int, dtype: Optional[torch.dtype] = None
 ) -> Tensor:
     z = torch.empty(weight.shape, dtype=dtype or weight.dtype, device=weight.device)
-    for index, rows in enumerate(blocks(weight)):
-        generator.manual_seed(block_seed(seed, index))
+    parts = _whole if weight.numel() <= BLOCK_ELEMENTS else blocks(weight)
+    if len(parts) == 1:
+        generator.manual_seed(seed)
+        return z.normal_(generator=generator)
+    for index, rows in enumerate(parts):
+        seed_block(generator, block_seed(seed, index))
         z[rows].normal_(generator=generator)
     return z
 

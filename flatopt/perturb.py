@@ -19,7 +19,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ._arming import Arming, Generators, Site, build_sites, root_hook
+from ._arming import Arming, Generators, Site, _Slot, build_sites, root_hook
 from .adapters import Adapter, check_adapters, find_targets
 from .noise import SCHEDULES, Schedule, schedule_factor, seed_of_target, step_seed
 
@@ -163,6 +163,7 @@ class _State:
         self.model_forwards = 0  # training forwards of the model since the last step()
         self.in_closure = False  # step(closure) is running the closure, perturbed
         self.sites: list[Site] = []
+        self.taken_by: Optional[str] = None  # the wrapper that took the model over, described
         self.scan(warn=False)
 
     # -- targets ---------------------------------------------------------------------------
@@ -176,20 +177,19 @@ class _State:
         roots, indexed = self.roots()
         before = {id(r.target.module): r.name for site in self.sites for r in site.readers}
         old_slots = [r.slot for site in self.sites for r in site.readers]
-        self.sites = build_sites(find_targets(self.model, self.adapters), roots, indexed)
+        sites = build_sites(find_targets(self.model, self.adapters), roots, indexed)
+        self.take_over({id(r.slot): r.slot for site in sites for r in site.readers}.values())
+        self.sites = sites
         current = {id(r.slot) for site in self.sites for r in site.readers}
         for slot in old_slots:  # a module no longer in the model no longer arms anything
-            if id(slot) not in current:
-                slot.watch = False
-                if slot.owner is not None and slot.owner() is self:
-                    slot.auto, slot.owner = False, None
+            if id(slot) not in current and slot.owner is not None and slot.owner() is self:
+                slot.auto, slot.watch, slot.owner = False, False, None
         self.stds = {}
+        me = weakref.ref(self)
         for site in self.sites:
             for reader in site.readers:
-                if self.auto:
-                    reader.slot.auto, reader.slot.owner = True, weakref.ref(self)
-                else:
-                    reader.slot.watch = True
+                slot = reader.slot
+                slot.owner, slot.auto, slot.watch = me, self.auto, not self.auto
         if self.auto and self.resample == "call":
             root_hook(self.model, self)
         after = {id(r.target.module): r.name for site in self.sites for r in site.readers}
@@ -200,6 +200,57 @@ class _State:
                 f"flatopt re-scanned the model and now perturbs {len(self.sites)} weights: "
                 f"{[site.name for site in self.sites]}.",
                 stacklevel=4,
+            )
+
+    def describe(self) -> str:
+        return f"FlatPerturb(seed={self.seed}, num_steps={self.step}, auto={self.auto})"
+
+    def take_over(self, slots: Iterable[_Slot]) -> None:
+        """Make this wrapper the one owner of ``slots``' modules: a model belongs to one live
+        FlatPerturb at a time. Another live owner is released, with a warning if it has been
+        used (it raises at its next perturb() or step()); one perturbing the model now is
+        refused."""
+        others: dict[int, _State] = {}
+        for slot in slots:
+            owner = slot.owner() if slot.owner is not None else None
+            if owner is not None and owner is not self and owner.taken_by is None:
+                if slot.frames:
+                    raise RuntimeError(
+                        f"A FlatPerturb was built on a model while {owner.describe()} is "
+                        "running a perturbed forward of it. Build it outside the model's "
+                        "forward."
+                    )
+                others[id(owner)] = owner
+        for other in others.values():
+            if other.arming is not None and not other.arming.auto:
+                raise RuntimeError(
+                    f"This model is perturbed by {other.describe()} right now (between its "
+                    "perturb() and restore()); a model belongs to one FlatPerturb at a time. "
+                    "Call restore() on that one (or leave its `with opt.perturbed():`) before "
+                    "building another, or release the model with flatopt.remove_hooks(model)."
+                )
+        for other in others.values():
+            used = other.step > 0 or other.draw > 0 or other.arming is not None
+            other.disarm()  # an auto wrapper between two forwards: nothing is in flight
+            other.taken_by = self.describe()
+            if not used:  # built and never used (a re-assigned variable): handed over quietly
+                continue
+            warnings.warn(
+                f"{other.describe()} was already built on this model; the new "
+                f"{self.describe()} takes it over, and the earlier one raises at its next "
+                "perturb() or step(). A model belongs to one FlatPerturb at a time: drop the "
+                "old wrapper (a trainer may still hold it), or call flatopt.remove_hooks(model) "
+                "to release the model explicitly.",
+                stacklevel=5,
+            )
+
+    def check_owner(self) -> None:
+        if self.taken_by is not None:
+            raise RuntimeError(
+                f"This {self.describe()} no longer perturbs its model: {self.taken_by}, built "
+                "on the same model later, took it over (a model belongs to one FlatPerturb at "
+                "a time). Use the newer wrapper, or build a new one; flatopt.remove_hooks(model) "
+                "releases a model explicitly."
             )
 
     def check_model(self) -> None:
@@ -240,7 +291,7 @@ class _State:
 
     def auto_arm(self) -> None:
         """Called by a target's forward in training mode (``auto=True``)."""
-        if self.arming is None:
+        if self.arming is None and self.taken_by is None:
             self.arm(auto=True)
 
     def next_draw(self) -> None:
@@ -556,6 +607,7 @@ class FlatPerturb(torch.optim.Optimizer):
             >>> opt.step()
         """
         state = self._state
+        state.check_owner()
         if state.auto:
             raise RuntimeError(
                 "perturb() on a FlatPerturb built with auto=True, which arms itself at each "
@@ -656,6 +708,7 @@ class FlatPerturb(torch.optim.Optimizer):
                 and the step is not taken.
         """
         state = self._state
+        state.check_owner()
         if state.arming is not None and not state.arming.auto:
             self._restore(warn=False)
             raise RuntimeError(
@@ -729,12 +782,15 @@ class FlatPerturb(torch.optim.Optimizer):
         state = self._state
 
         def perturbed_closure() -> Any:
-            with torch.enable_grad(), self.perturbed():
-                state.in_closure = True
-                try:
-                    return closure()
-                finally:
-                    state.in_closure = False
+            try:
+                with torch.enable_grad(), self.perturbed():
+                    state.in_closure = True
+                    try:
+                        return closure()
+                    finally:
+                        state.in_closure = False
+            finally:  # the closure's perturb() is not the caller's: a retried step perturbs again
+                state.perturbed_step = False
 
         return perturbed_closure
 

@@ -164,7 +164,7 @@ def _check_unperturbed(slots: list[_Slot]) -> None:
     """Refuse to measure while a FlatPerturb has its noise armed on the model."""
     for slot in slots:
         owner = slot.owner() if slot.owner is not None else None
-        if owner is not None and owner.arming is not None:
+        if owner is not None and owner.arming is not None and owner.arming.auto:
             name = next(
                 (s.name for s in owner.sites for r in s.readers if r.slot is slot), "a target"
             )

@@ -735,17 +735,15 @@ def test_global_rng_is_untouched_after_construction(seed, device):
 
 
 def test_a_fixed_seed_reproduces_the_noise_in_a_fresh_wrapper(device):
-    model = _lora_model(device=device)
-    first, again, other = (_wrap(model, seed=s) for s in (123, 123, 124))
-    eps = _read_noise(first, model)
-    assert torch.equal(eps, _read_noise(again, model))
-    assert not torch.equal(eps, _read_noise(other, model))
+    # One wrapper per model (a model belongs to one FlatPerturb), the models built alike.
+    models = [_lora_model(device=device) for _ in range(3)]
+    first, again, other = (_wrap(m, seed=s) for m, s in zip(models, (123, 123, 124)))
+    eps = _read_noise(first, models[0])
+    assert torch.equal(eps, _read_noise(again, models[1]))
+    assert not torch.equal(eps, _read_noise(other, models[2]))
     first.step()
     again.step()
-    assert torch.equal(_read_noise(first, model), _read_noise(again, model))
-    # A freshly built model with the same weights reproduces it too.
-    fresh = _lora_model(device=device)
-    assert torch.equal(eps, _read_noise(_wrap(fresh, seed=123), fresh))
+    assert torch.equal(_read_noise(first, models[0]), _read_noise(again, models[1]))
 
 
 @pytest.mark.parametrize("rank_noise", [True, False])
