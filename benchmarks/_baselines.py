@@ -39,7 +39,8 @@ target's shape per micro-batch; `count_draws` records the draws a call really ma
 
 The CPU seed space: torch's CPU generator (mt19937) keeps only the low 32 bits of a seed.
 `SEED_DRAWS` are ways to draw z ~ N(0, 1) from a 64-bit seed, timed against each other by
-``overhead.py --seed-space``: ``seed32`` (what flatopt does), ``sum_of_two`` and ``xor_state``.
+``overhead.py --seed-space``: ``seed32`` (flatopt's for a one-block weight), ``sum_of_two`` and
+``xor_state`` (flatopt's for each block of a larger one: `flatopt.noise.seed_block`).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from flatopt.adapters import Target, find_targets
-from flatopt.noise import LowRank, derive_seed
+from flatopt.noise import LowRank, derive_seed, seed_block
 
 __all__ = [
     "SEED_DRAWS",
@@ -313,13 +314,10 @@ def replay_draws(
 # -- the CPU seed space -----------------------------------------------------------------------
 
 _LOW32 = (1 << 32) - 1
-# The 624 words of mt19937 in the bytes of torch's CPU generator state (uint64 each; the state
-# starts with the seed, `left`, `seeded` and `next`).
-_WORDS = slice(24, 24 + 624 * 8)
 
 
 def draw_seed32(out: Tensor, generator: torch.Generator, seed: int, scratch: Tensor) -> None:
-    """What flatopt does: ``manual_seed(seed)``; on CPU only the low 32 bits of it count."""
+    """``manual_seed(seed)`` (flatopt's for a one-block weight): on CPU only 32 bits count."""
     generator.manual_seed(seed)
     out.normal_(generator=generator)
 
@@ -338,21 +336,9 @@ def draw_sum_of_two(out: Tensor, generator: torch.Generator, seed: int, scratch:
 
 
 def draw_xor_state(out: Tensor, generator: torch.Generator, seed: int, scratch: Tensor) -> None:
-    """One draw from an mt19937 state that depends on all 64 bits: state(lo) XOR state(hi').
-
-    mt19937 is linear over GF(2) (tempering too), so this stream is the XOR of the streams of
-    two 32-bit seeds: seeds that share one half differ by the XOR of two independent streams,
-    i.e. their z are independent. Costs two seedings and a copy of the 5 kB state per draw.
-    """
-    low, high = seed & _LOW32, (seed >> 32) ^ 0x9E3779B9
-    if high == low:  # the XOR of a state with itself is the all-zero state
-        high ^= 1
-    generator.manual_seed(low)
-    state = generator.get_state()
-    generator.manual_seed(high)
-    other = generator.get_state()
-    state[_WORDS].view(torch.int64).bitwise_xor_(other[_WORDS].view(torch.int64))
-    generator.set_state(state)
+    """One draw from an mt19937 state that depends on all 64 bits (`flatopt.noise.seed_block`):
+    state(low) XOR state(high), the XOR of two independent streams."""
+    seed_block(generator, seed)
     out.normal_(generator=generator)
 
 

@@ -455,7 +455,7 @@ def perf_seed_space() -> str:
         )
     return "\n".join(
         [
-            "| shape | today's draw (µs) | 64-bit: XOR of two seeded states (µs) | "
+            "| shape | 32-bit seed (µs) | 64-bit: XOR of two seeded states (µs) | "
             "(z₁ + z₂)/√2 from two seeds (µs) |",
             "|---|---:|---:|---:|",
             *rows,
@@ -673,6 +673,174 @@ def perf_ops() -> str:
     )
 
 
+# -- real data: benchmarks/quality_real.py ------------------------------------------------------
+
+REAL = "quality_real.json"
+REAL_COLUMNS = (
+    ("acc clean", 2),
+    ("f1 clean", 2),
+    ("nll clean", 3),
+    ("acc corrupted-3", 2),
+    ("drop int4", 2),
+    ("sharpness 0.30", 4),
+)
+REAL_TASKS = {"tweets": "tweets (MiniLM-L6)", "mnist": "MNIST (CNN)", "bbc": "BBC News (MiniLM-L6)"}
+
+
+def _real() -> dict:
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import quality
+
+    data = json.loads(json.dumps(results(REAL)))  # a copy: the Holm values are added to it
+    quality.add_holm(data)
+    return data
+
+
+def _real_cell(d: dict, digits: int, n: int) -> str:
+    low, high = d["mean"] - d["ci95"], d["mean"] + d["ci95"]
+    text = f"{_signed(d['mean'], digits)} [{_signed(low, digits)}, {_signed(high, digits)}]"
+    if d["ci95"] > 0 and (low > 0 or high < 0):
+        text = f"**{text}**"
+    return f"{text}{'†' if d['p_holm'] < SIGNIFICANT else ''} {d['wins']}/{n}"
+
+
+_REAL_WORDS = {
+    "acc clean": "clean accuracy",
+    "f1 clean": "macro-F1",
+    "nll clean": "test NLL",
+    "drop int4": "int4 drop",
+}
+
+
+def _real_metric(metric: str) -> str:
+    if metric in _REAL_WORDS:
+        return _REAL_WORDS[metric]
+    if metric.startswith("acc corrupted-"):
+        return f"accuracy at corruption severity {metric[-1]}"
+    if metric.startswith("acc "):
+        return f"accuracy on {metric[4:]}"
+    if metric.startswith("sharpness "):
+        return f"sharpness at probe σ = {float(metric.split()[1]):g}"
+    return metric
+
+
+def quality_real() -> str:
+    """The real-data run, per task: every arm against plain LoRA, its cost, what held."""
+    data = _real()
+    tasks = data["tasks"]
+    arms = [a["name"] for a in data["arms"]]
+    seeds = {t: r["summary"]["LoRA"]["acc clean"]["n"] for t, r in tasks.items()}
+    missing = data.get("arms_missing", [])
+    lines = [
+        f"Arms that ran: {_listing(arms)}"
+        + (f"; not in flatopt when the run started: {_listing(missing)}." if missing else ".")
+        + " Seeds: "
+        + _listing([f"{seeds[t]} on {t}" for t in tasks])
+        + f", every arm on the same seeds. The run took {data['seconds'] / 60:.0f} min "
+        f"({data['machine']}).",
+    ]
+    for task, result in tasks.items():
+        summary, cost, n = result["summary"], result["cost"], seeds[task]
+        columns = [(m, d) for m, d in REAL_COLUMNS if m in summary["LoRA"]]
+        if len(result["corruptions"]) == 1:  # its one corruption's own set, as Holm counts it
+            only = f"acc {result['corruptions'][0]}-3"
+            columns = [(only if m == "acc corrupted-3" else m, d) for m, d in columns]
+        heads = {
+            "acc typos-3": "typos 3 acc %",
+            "acc corrupted-3": "corr. 3 acc %",
+            "sharpness 0.30": "sharp. @0.3",
+        }
+        lines += [
+            "",
+            f"**{REAL_TASKS.get(task, task)}, {n} seeds.** "
+            + "; ".join(note.rstrip(".") for note in result["notes"])
+            + ".",
+            "",
+            "| arm | "
+            + " | ".join(heads.get(m) or _REAL_COLUMN_HEADS[m] for m, _ in columns)
+            + " | ms / step | × LoRA |",
+            "|---|" + "---|" * len(columns) + "---:|---:|",
+        ]
+        for arm in summary:
+            if arm == "LoRA":
+                cells = [
+                    f"{summary[arm][m]['mean']:.{d}f} ± {summary[arm][m]['ci95']:.{d}f}".replace(
+                        "-", "−"
+                    )
+                    for m, d in columns
+                ]
+            else:
+                cells = [_real_cell(summary[arm][m]["diff"], d, n) for m, d in columns]
+            lines.append(
+                f"| {arm} | " + " | ".join(cells) + f" | {cost[arm]['ms_per_step']:.0f} | "
+                f"{cost[arm]['over_lora_median']:.2f} |"
+            )
+    held = []
+    for task, result in tasks.items():
+        for arm, metrics in result["summary"].items():
+            for metric, entry in metrics.items():
+                d = entry.get("diff")
+                if d is None or "p_holm" not in d or d["p_holm"] >= SIGNIFICANT:
+                    continue
+                low, high = d["mean"] - d["ci95"], d["mean"] + d["ci95"]
+                digits = 4 if metric.startswith("sharp") else 3 if "nll" in metric else 2
+                held.append(
+                    f"{task}, {arm}, {_real_metric(metric)}: {_signed(d['mean'], digits)} "
+                    f"[{_signed(low, digits)}, {_signed(high, digits)}], {d['wins']} of "
+                    f"{seeds[task]} seeds better"
+                )
+    lines += [
+        "",
+        f"Significant after the Holm correction over all {data['holm_family']} comparisons "
+        "(every arm, metric and task of the run)" + (":" if held else ": none."),
+        "",
+        *[f"- {h}" for h in held],
+    ]
+    return "\n".join(line.rstrip() for line in lines).rstrip()
+
+
+_REAL_COLUMN_HEADS = {
+    "acc clean": "clean acc %",
+    "f1 clean": "macro-F1 %",
+    "nll clean": "NLL",
+    "drop int4": "int4 drop",
+}
+
+
+def quality_real_flat() -> str:
+    """Flat-LoRA on the real data, in sentences: best σ, nominal results, cost."""
+    data = _real()
+    tasks = data["tasks"]
+    flat = [a["name"] for a in data["arms"] if a["kind"] == "flat"]
+    lines = []
+    for task, result in tasks.items():
+        summary, n = result["summary"], result["summary"]["LoRA"]["acc clean"]["n"]
+        best = max(flat, key=lambda a: summary[a]["acc clean"]["diff"]["mean"])
+        d = summary[best]["acc clean"]["diff"]
+        low, high = d["mean"] - d["ci95"], d["mean"] + d["ci95"]
+        nominal = [
+            (arm, m, e["diff"])
+            for arm in flat
+            for m, e in summary[arm].items()
+            if e["diff"]["p"] < SIGNIFICANT
+        ]
+        gains = sum((x["mean"] > 0) == m.startswith(("acc", "f1")) for _, m, x in nominal)
+        held = sum(x["p_holm"] < SIGNIFICANT for _, _, x in nominal)
+        ratios = [result["cost"][a]["over_lora_median"] for a in flat]
+        lines.append(
+            f"- **{REAL_TASKS.get(task, task)}.** The best Flat σ in clean accuracy was "
+            f"{best.split()[1]}: {_signed(d['mean'])} [{_signed(low)}, {_signed(high)}] "
+            f"points, {d['wins']} of {n} seeds better. Of the Flat arms' "
+            f"{sum(len(summary[a]) for a in flat)} comparisons, {len(nominal)} were nominally "
+            f"significant (p < {SIGNIFICANT}; {gains} gains, {len(nominal) - gains} losses) and "
+            f"{held} held after the Holm correction. A Flat step cost "
+            f"{_span(ratios, lambda v: f'{v:.2f}')}× a LoRA step."
+        )
+    return "\n".join(lines)
+
+
 GENERATORS = {
     "perf-sweep": perf_sweep,
     "drift": drift,
@@ -689,6 +857,8 @@ GENERATORS = {
     "perf-gpu": perf_gpu,
     "perf-gpu-profile": perf_gpu_profile,
     "perf-ops": perf_ops,
+    "quality-real": quality_real,
+    "quality-real-flat": quality_real_flat,
 }
 
 
