@@ -11,15 +11,17 @@ Example:
     [('0', (8, 8))]
 """
 
-from . import integrations, lora, noise
+from . import integrations, lora, noise, reference, sam
 from ._arming import remove_hooks
 from .adapters import Target, dense, register_adapter, unregister_adapter
 from .noise import LowRank
 from .perturb import FlatPerturb, unwrap
+from .sam import LoRASAM
 from .sharpness import Sharpness, sharpness
 
 __all__ = [
     "FlatPerturb",
+    "LoRASAM",
     "LowRank",
     "Sharpness",
     "Target",
@@ -27,8 +29,10 @@ __all__ = [
     "integrations",
     "lora",
     "noise",
+    "reference",
     "register_adapter",
     "remove_hooks",
+    "sam",
     "sharpness",
     "unregister_adapter",
     "unwrap",
