@@ -761,6 +761,8 @@ class FlatPerturb(torch.optim.Optimizer):
                 "model as model(x), not model.forward(x) or a submodule alone, or use "
                 "resample='step'.",
             )
+        if not state.auto:  # forwards counted while this step ran (its closure, at σ_t = 0)
+            state.clean_forwards()  # are not the next step's forwards outside perturb()
         state.step += 1
         state.stds = {}  # the row norms of W' are the next step's to compute
         state.draw = 0

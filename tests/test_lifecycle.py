@@ -474,3 +474,37 @@ def test_a_quantized_layer_computing_in_bf16_from_an_fp32_input_is_perturbed():
     ).to(torch.bfloat16)
     expected = clean + F.linear(x.detach().to(torch.bfloat16), eps)
     torch.testing.assert_close(out.detach(), expected, rtol=2e-2, atol=2e-2)
+
+
+# -- counting forwards left clean ---------------------------------------------------------------
+
+
+def test_step_closure_over_a_ramp_from_zero_does_not_warn_of_clean_forwards():
+    """At σ_0 = 0 nothing is armed, so the closure's forwards were counted as clean and the
+    next step warned that they ran outside perturb()/restore()."""
+    import warnings
+
+    model = tiny_lora()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = flatopt.FlatPerturb(
+        torch.optim.SGD(trainable, lr=0.05), model, sigma=0.1, total_steps=4, seed=1
+    )
+    batches = toy_batches(3)
+
+    def closure(batch):
+        def run():
+            opt.zero_grad()
+            loss = F.mse_loss(model(batch[0]), batch[1])
+            loss.backward()
+            return loss
+
+        return run
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for batch in batches:
+            opt.step(closure(batch))
+    # A forward outside any perturbation before step(closure) is still reported (2 targets).
+    model(batches[0][0])
+    with pytest.warns(UserWarning, match="2 training-mode forwards of target layers ran outside"):
+        opt.step(closure(batches[1]))

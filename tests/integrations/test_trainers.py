@@ -348,7 +348,8 @@ def test_hf_trainer_with_trainer_optimizer_resumes_from_a_checkpoint_bit_for_bit
     _, resumed, observe_resumed, warned = run_factory(
         tmp_path, "resumed", resume=str(checkpoint), seed=SEED + 1, **save
     )
-    assert warned == []
+    # The seed given to the fresh wrapper is replaced by the checkpoint's, and load says so.
+    assert len(warned) == 1 and f"seed: this FlatPerturb's {SEED + 1}" in str(warned[0])
     assert observe_resumed.flat.num_steps == STEPS and observe_resumed.flat.seed == SEED
     last = [read for read in observe.observer.train_reads if read.step == STEPS - 1]
     assert len(last) == ACCUM * TARGETS
