@@ -22,6 +22,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
+from . import _zero
 from ._output import OutputNoise, dequantized, is_dtensor, is_plain, layer_op
 from .adapters import Target
 from .noise import (
@@ -153,8 +154,9 @@ class Site:
         self.target = self.readers[0].target
         self.transposed = self.target.transposed
         weight = self.readers[0].read()
-        rows = weight.shape[row_dim(weight, self.transposed)]
-        self.logical_shape = (rows, weight.numel() // max(rows, 1))
+        shape = _zero.full_shape(weight)  # a ZeRO-3 partition is (0,) outside its forward
+        rows = shape[row_dim(weight, self.transposed)]
+        self.logical_shape = (rows, shape.numel() // max(rows, 1))
         self._base_key: Optional[tuple] = None
         self._base_sq: Optional[Tensor] = None
         if not is_plain(weight) and not is_dtensor(weight):
@@ -607,6 +609,8 @@ class _Swap:
             return None  # drop-in mode: evaluation sees W
         reader = self.reader
         weight = reader.read()
+        if _zero.is_partitioned(weight):
+            return _zero.swap_pre(self, weight)
         if not is_plain(weight):
             if is_dtensor(weight):
                 raise RuntimeError(
@@ -654,6 +658,9 @@ class _Swap:
         return _Entry(self, weight, perturbed, None)
 
     def post(self, entry: _Entry, args: Any, kwargs: Any, output: Any) -> Any:
+        if isinstance(entry, _zero.ZeroEntry):
+            entry.post()
+            return output
         if entry.perturbed is None:
             return self._output_noise(entry.weight, args, kwargs, output)
         if entry.hooks is not None:
@@ -666,6 +673,9 @@ class _Swap:
 
     def unwind(self, entry: _Entry) -> None:
         """Undo a call whose forward hook did not run (an interrupted forward)."""
+        if isinstance(entry, _zero.ZeroEntry):
+            entry.unwind()
+            return
         if entry.perturbed is None:
             return
         reader = self.reader

@@ -19,6 +19,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from . import _zero
 from ._arming import Arming, Generators, Site, build_sites, root_hook
 from .adapters import Adapter, check_adapters, find_targets
 from .noise import SCHEDULES, Schedule, schedule_factor, seed_of_target, step_seed
@@ -360,6 +361,7 @@ class FlatPerturb(torch.optim.Optimizer):
         rank_noise: bool = True,
         auto: bool = False,
     ):
+        optimizer = _zero.unwrap_optimizer(optimizer)  # engine.optimizer: the one it wraps
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}. "
@@ -418,6 +420,7 @@ class FlatPerturb(torch.optim.Optimizer):
         self._optimizer_load_state_dict_pre_hooks: OrderedDict = OrderedDict()
         self._optimizer_load_state_dict_post_hooks: OrderedDict = OrderedDict()
         self._patch_step_function()
+        _zero.watch(self)  # count the steps DeepSpeed's engine takes of the wrapped optimizer
         self._warn_unheld_factors()
 
     def _warn_unheld_factors(self) -> None:
@@ -437,7 +440,7 @@ class FlatPerturb(torch.optim.Optimizer):
                 }
                 if factors and not factors & held:
                     unheld.append(reader.name)
-        if not unheld:
+        if not unheld or _zero.managed(roots):  # DeepSpeed's optimizer holds flat partitions
             return
         model_params = {id(p) for root in roots for p in root.parameters()}
         hint = (
@@ -655,6 +658,8 @@ class FlatPerturb(torch.optim.Optimizer):
             RuntimeError: the perturbation is still armed (explicit mode). flatopt restores it
                 and the step is not taken.
         """
+        if _zero.later_group(self):  # DeepSpeed steps its optimizer one group at a time
+            return self._inner.step(closure)
         state = self._state
         if state.arming is not None and not state.arming.auto:
             self._restore(warn=False)
