@@ -22,6 +22,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
+from . import _zero
 from ._output import OutputNoise, dequantized, is_dtensor, is_plain, layer_op
 from .adapters import Target
 from .noise import (
@@ -136,8 +137,9 @@ class Site:
         self.target = self.readers[0].target
         self.transposed = self.target.transposed
         weight = self.readers[0].read()
-        rows = weight.shape[row_dim(weight, self.transposed)]
-        self.logical_shape = (rows, weight.numel() // max(rows, 1))
+        shape = _zero.full_shape(weight)  # a ZeRO-3 partition is (0,) outside its forward
+        rows = shape[row_dim(weight, self.transposed)]
+        self.logical_shape = (rows, shape.numel() // max(rows, 1))
         if not is_plain(weight) and not is_dtensor(weight):
             for reader in self.readers:
                 self._check_quantized(reader, weight)
@@ -427,8 +429,7 @@ def _nested(slot: _Slot, module: nn.Module) -> list[Any]:
     try:
         for swap in slot.swaps.values():
             entry = outer.get(swap)
-            held = entry is not None and entry.perturbed is not None
-            if held and _read(swap.reader.owner, swap.reader.attr) is entry.perturbed:
+            if entry is not None and entry.perturbed is not None and _holds(entry):
                 nested.append(None)
             else:
                 nested.append(swap.pre(module))
@@ -436,6 +437,13 @@ def _nested(slot: _Slot, module: nn.Module) -> list[Any]:
         _undo(nested)
         raise
     return nested
+
+
+def _holds(entry: Any) -> bool:
+    """The module still reads the W + ε of ``entry`` (a ZeRO-3 weight holds it in .data)."""
+    if isinstance(entry, _zero.ZeroEntry):
+        return entry.holds_perturbed()
+    return _read(entry.swap.reader.owner, entry.swap.reader.attr) is entry.perturbed
 
 
 def _post(slot: _Slot, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
@@ -708,6 +716,8 @@ class _Swap:
             return None  # drop-in mode: evaluation sees W
         reader = self.reader
         weight = reader.read()
+        if _zero.is_partitioned(weight):
+            return _zero.swap_pre(self, weight)
         if not is_plain(weight):
             if is_dtensor(weight):
                 raise RuntimeError(
@@ -755,6 +765,9 @@ class _Swap:
         return _Entry(self, weight, perturbed, None)
 
     def post(self, entry: _Entry, args: Any, kwargs: Any, output: Any) -> Any:
+        if isinstance(entry, _zero.ZeroEntry):
+            entry.post()
+            return output
         if entry.perturbed is None:
             return self._output_noise(entry.weight, args, kwargs, output)
         if entry.hooks is not None:
@@ -767,6 +780,9 @@ class _Swap:
 
     def unwind(self, entry: _Entry) -> None:
         """Undo a call whose forward hook did not run (an interrupted forward)."""
+        if isinstance(entry, _zero.ZeroEntry):
+            entry.unwind()
+            return
         if entry.perturbed is None:
             return
         reader = self.reader

@@ -209,9 +209,10 @@ def dense(
             raise TypeError(f"dense() takes nn.Module arguments, got {type(module).__name__}.")
         weight = getattr(module, param_name, None)
         layer = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding, nn.EmbeddingBag)
-        if isinstance(weight, torch.Tensor) and weight.ndim < 2 and isinstance(module, layer):
+        ndim = len(getattr(weight, "ds_shape", getattr(weight, "shape", ())))  # ZeRO-3: ds_shape
+        if isinstance(weight, torch.Tensor) and ndim < 2 and isinstance(module, layer):
             raise TypeError(_FSDP1)  # a layer whose weight is flat: FSDP1 flattened it
-        if isinstance(weight, torch.Tensor) and weight.ndim < 2:
+        if isinstance(weight, torch.Tensor) and ndim < 2:
             raise ValueError(
                 f"dense({type(module).__name__}): its {param_name!r} has shape "
                 f"{tuple(weight.shape)}; biases and norm layers are never perturbed. Pass "
@@ -331,7 +332,7 @@ def _check(target: object, adapter: Adapter, name: str, module: nn.Module) -> Ta
             "child's, e.g. 'conv.weight')."
         )
     layer = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding, nn.EmbeddingBag)
-    if weight.ndim < 2:
+    if len(getattr(weight, "ds_shape", weight.shape)) < 2:  # a ZeRO-3 partition: its ds_shape
         if isinstance(target.owner()[0], layer):
             raise TypeError(_FSDP1)  # a layer whose weight is flat: FSDP1 flattened it
         raise ValueError(

@@ -19,6 +19,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from . import _zero
 from ._arming import Arming, Generators, Site, _Slot, build_sites, root_hook
 from .adapters import Adapter, check_adapters, find_targets
 from .noise import SCHEDULES, Schedule, schedule_factor, seed_of_target, step_seed
@@ -411,6 +412,7 @@ class FlatPerturb(torch.optim.Optimizer):
         rank_noise: bool = True,
         auto: bool = False,
     ):
+        optimizer = _zero.unwrap_optimizer(optimizer)  # engine.optimizer: the one it wraps
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}. "
@@ -469,6 +471,7 @@ class FlatPerturb(torch.optim.Optimizer):
         self._optimizer_load_state_dict_pre_hooks: OrderedDict = OrderedDict()
         self._optimizer_load_state_dict_post_hooks: OrderedDict = OrderedDict()
         self._patch_step_function()
+        _zero.watch(self)  # count the steps DeepSpeed's engine takes of the wrapped optimizer
         self._warn_unheld_factors()
 
     def _warn_unheld_factors(self) -> None:
@@ -488,7 +491,7 @@ class FlatPerturb(torch.optim.Optimizer):
                 }
                 if factors and not factors & held:
                     unheld.append(reader.name)
-        if not unheld:
+        if not unheld or _zero.managed(roots):  # DeepSpeed's optimizer holds flat partitions
             return
         model_params = {id(p) for root in roots for p in root.parameters()}
         hint = (
@@ -707,6 +710,8 @@ class FlatPerturb(torch.optim.Optimizer):
             RuntimeError: the perturbation is still armed (explicit mode). flatopt restores it
                 and the step is not taken.
         """
+        if _zero.later_group(self):  # DeepSpeed steps its optimizer one group at a time
+            return self._inner.step(closure)
         state = self._state
         state.check_owner()
         if state.arming is not None and not state.arming.auto:
