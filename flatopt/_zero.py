@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _arming
+from . import _swap
 
 __all__ = [
     "ZeroEntry",
@@ -95,16 +95,16 @@ class ZeroEntry:
         return data.data_ptr() == self.perturbed.data_ptr() and data.shape == self.perturbed.shape
 
     def post(self) -> None:
-        _arming._pop_hooks()
+        _swap._pop_hooks()
         if self.holds_perturbed():
             self.param.data = self.weight
 
     def unwind(self) -> None:
         if self.holds_perturbed():
             self.param.data = self.weight
-        top = _arming._top_hooks(False)
+        top = _swap._top_hooks(False)
         if top is not None and top[0] is self.hooks:
-            _arming._pop_hooks()
+            _swap._pop_hooks()
 
 
 def swap_pre(swap: Any, param: Tensor) -> ZeroEntry:
@@ -116,8 +116,8 @@ def swap_pre(swap: Any, param: Tensor) -> ZeroEntry:
     perturbed = noise.apply(gathered)
     # What autograd saves of W + ε (the parameter itself, or a view of it) is regenerated from
     # the parameter, which DeepSpeed gathers again before the module's backward.
-    pack = _arming._packer(noise, param, perturbed, reader.name)
-    _arming._push_hooks(pack, _unpack)
+    pack = _swap._packer(noise, param, perturbed, reader.name)
+    _swap._push_hooks(pack, _unpack)
     entry = ZeroEntry(swap, param, gathered, perturbed, pack)
     param.data = perturbed  # the partition (ds_tensor) and DeepSpeed's buffer stay untouched
     swap.arming.calls += 1
@@ -125,7 +125,7 @@ def swap_pre(swap: Any, param: Tensor) -> ZeroEntry:
 
 
 def _unpack(packed: Any) -> Tensor:
-    if isinstance(packed, _arming._Token) and is_partitioned(packed.weight):
+    if isinstance(packed, _swap._Token) and is_partitioned(packed.weight):
         param = packed.weight
         if not _available(param):
             raise RuntimeError(
@@ -133,7 +133,7 @@ def _unpack(packed: Any) -> Tensor:
                 f"ZeRO-3 weight again (status {param.ds_status.name}). Run backward through the "
                 "engine (engine.backward(loss)) and call the model as engine(x)."
             )
-    return _arming._unpack(packed)
+    return _swap._unpack(packed)
 
 
 # -- optimizers and steps -------------------------------------------------------------------
