@@ -31,8 +31,8 @@ what is allocated, so the extra peak over plain LoRA is exact, in the same proce
 Reported per method: the memory after building the model, the peak of the two steps, and the
 extra peak over plain LoRA, in MiB and in units of the largest target weight's bytes (the
 target, docs/performance.md: at most 1.0). For FlatPerturb, its persistent state: the bytes of
-every tensor the wrapper keeps between steps (the per-row noise std of each target, the cached
-‖W_i‖² of each frozen weight) and of its generators' states. Seeds and the step counter are
+every tensor the wrapper keeps between steps (the per-row noise std of each target, until the
+step ends) and of its generators' states. Seeds and the step counter are
 Python ints.
 
 Run, on the GPU, and smoke test (tiny model; lora, flat and copy once each, concurrently;
