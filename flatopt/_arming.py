@@ -3,14 +3,15 @@
 An `Arming` puts a `_Swap` on every module that reads one of its sites; while it is armed the
 modules' forwards see W + P, and `Arming.disarm` removes every trace. The module layout, for a
 newcomer: `flatopt._sites` (which weights), `flatopt._hooks` (the hooks on each module),
-`flatopt._swap` (one call's W + P and its saved-tensor tokens), `flatopt._generators`
-(generators and the parallel CPU draw), and this file. The names tests and other modules
-import from here are re-exported.
+`flatopt._swap` (one call's W + P, its saved-tensor tokens and the `Perturbation` protocol),
+`flatopt._generators` (generators and the parallel CPU draw), and this file. The laws that
+fill P live with their methods: `flatopt._flat` (Flat-LoRA) and `flatopt.bilora`. The names
+tests and other modules import from here are re-exported.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from torch import Tensor
 
@@ -27,7 +28,7 @@ from ._hooks import (
     root_hook,
 )
 from ._sites import Reader, Site, build_sites
-from ._swap import Noise, _Swap
+from ._swap import Law, Perturbation, _Swap
 
 __all__ = [
     "Arming",
@@ -50,27 +51,16 @@ __all__ = [
 class Arming:
     """The live perturbation of a set of sites; `disarm` removes every trace of it.
 
-    Each site's std is computed at the first forward that reads it (from the tensor that
-    forward reads: the whole, unsharded weight under FSDP) and kept in ``stds``, which the
-    caller may share between armings (one std per optimizer step).
+    ``law`` (a `flatopt._swap.Law`: Flat-LoRA's noise, Bi-LoRA's auxiliary module) gives each
+    site's P at the first forward that reads it, from the tensor that forward reads (the whole,
+    unsharded weight under FSDP2); the arming keeps it for every later call and backward.
     """
 
-    def __init__(
-        self,
-        sites: Sequence[Site],
-        sigma: float,
-        seed_of: Callable[[int], int],
-        stds: dict[int, Tensor],
-        generators: Generators,
-        auto: bool = False,
-    ):
-        self.sigma = sigma
+    def __init__(self, sites: Sequence[Site], law: Law, auto: bool = False):
+        self.law = law
         self.auto = auto
         self.calls = 0  # target forwards that ran perturbed
-        self._seed_of = seed_of
-        self._stds = stds
-        self._generators = generators
-        self._noises: dict[int, Noise] = {}
+        self._perturbations: dict[int, Perturbation] = {}
         self._swaps: list[tuple[_Slot, str, _Swap]] = []
         try:
             for site in sites:
@@ -79,11 +69,11 @@ class Arming:
                     if not slot.installed:
                         raise RuntimeError(
                             f"flatopt.remove_hooks() took the hooks off {reader.name!r}; build a "
-                            "new FlatPerturb to perturb this model again."
+                            "new wrapper to perturb this model again."
                         )
                     if name in slot.swaps:
                         raise RuntimeError(
-                            f"{site.name!r} is already perturbed by another FlatPerturb or "
+                            f"{site.name!r} is already perturbed by another flatopt wrapper or "
                             "sharpness() call; restore that one first."
                         )
                     swap = slot.swaps[name] = _Swap(self, site, reader)
@@ -93,18 +83,12 @@ class Arming:
             raise
         self.size = len(self._swaps)  # how many (module, weight) pairs were armed
 
-    def noise(self, site: Site, weight: Tensor, unwrap: bool = False) -> Noise:
-        noise = self._noises.get(site.index)
-        if noise is None:
-            std = self._stds.get(site.index)
-            if std is None:
-                std = self._stds[site.index] = site.std(self.sigma, weight, unwrap)
-            generator = self._generators(weight.device)
-            keep = site.readers[0].keep
-            seed = self._seed_of(site.index)
-            noise = Noise(std, seed, generator, weight, site.transposed, keep)
-            self._noises[site.index] = noise
-        return noise
+    def perturbation(self, site: Site, weight: Tensor, unwrap: bool = False) -> Perturbation:
+        perturbation = self._perturbations.get(site.index)
+        if perturbation is None:
+            perturbation = self.law.perturbation(site, weight, unwrap)
+            self._perturbations[site.index] = perturbation
+        return perturbation
 
     def disarm(self) -> None:
         swaps, self._swaps = self._swaps, []

@@ -19,7 +19,7 @@ from . import _zero
 from ._hooks import _slot
 from ._output import dequantized, is_dtensor, is_plain, layer_op
 from .adapters import Target
-from .noise import _row_norms, row_dim, std_scale
+from .noise import row_dim
 
 __all__ = ["Reader", "Site", "build_sites"]
 
@@ -28,7 +28,7 @@ _is_wrapped = _functorch.is_functorch_wrapped_tensor
 
 
 def _unwrap(tensor: Any) -> Any:
-    """The plain tensor inside torch.func's wrappers (the noise law treats it as a constant)."""
+    """The plain tensor inside torch.func's wrappers (a law treats it as a constant)."""
     while isinstance(tensor, Tensor) and _is_wrapped(tensor):
         tensor = _functorch.get_unwrapped(tensor)
     return tensor
@@ -54,21 +54,6 @@ def _write(owner: nn.Module, name: str, value: Tensor) -> None:
             store[name] = value
             return
     owner.__dict__[name] = value
-
-
-def _full(delta: Any, unwrap: bool = False) -> Any:
-    """ΔW with any factor still sharded (a DTensor: its own FSDP unit) gathered whole, and
-    with ``unwrap`` the plain tensors inside torch.func's wrappers."""
-    if isinstance(delta, (list, tuple)):
-        return [_full(d, unwrap) for d in delta]
-    if is_dtensor(delta):
-        return delta.full_tensor()
-    if unwrap and isinstance(delta, Tensor):
-        return _unwrap(delta)
-    B, A = getattr(delta, "B", None), getattr(delta, "A", None)
-    if is_dtensor(B) or is_dtensor(A) or (unwrap and B is not None):
-        return type(delta)(_full(B, unwrap), _full(A, unwrap), delta.scale)
-    return delta
 
 
 class Reader:
@@ -128,25 +113,6 @@ class Site:
                 "that can be dequantized (.dequantize()); this one is neither. Exclude the "
                 "layer, or dequantize its base weight."
             )
-
-    def std(self, sigma: float, weight: Tensor, unwrap: bool = False) -> Tensor:
-        """The per-row noise std σ·‖W'_i‖/√n, from ``weight`` (the tensor the forward reads).
-
-        ``unwrap``: inside torch.func transforms, read the plain tensors in their wrappers."""
-        target = self.target
-        grad = torch.is_grad_enabled()
-        if grad:  # the row norms are constants (cheaper than a torch.no_grad() block)
-            torch._C._set_grad_enabled(False)
-        try:
-            delta = _full(target.delta(), unwrap) if target.delta is not None else None
-            dense = weight if is_plain(weight) else dequantized(weight)
-            # Recomputed from W at every step, never cached: W may change in ways no version
-            # counter sees (writes through .data, merges, a replaced Parameter).
-            scale = std_scale(dense, sigma, self.transposed)
-            return _row_norms(dense, delta, self.transposed, None, scale)
-        finally:
-            if grad:
-                torch._C._set_grad_enabled(True)
 
 
 def _path(

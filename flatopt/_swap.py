@@ -10,21 +10,19 @@ get W + P without saved-tensor hooks (they refuse them).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from . import _zero
-from ._generators import _parallel
-from ._output import OutputNoise, is_dtensor, is_plain
-from ._sites import Reader, Site, _read, _unwrap, _write
-from .noise import _broadcast, _perturbed_weight, draw_noise
+from . import _sites, _zero
+from ._output import is_dtensor, is_plain
 
 if TYPE_CHECKING:
     from ._arming import Arming
+    from ._sites import Reader, Site
 
-__all__ = ["Noise"]
+__all__ = ["Dense", "Law", "Perturbation"]
 
 _C = torch._C._autograd
 _push_hooks = _C._push_saved_tensors_default_hooks
@@ -36,9 +34,9 @@ _in_transform = _functorch.peek_interpreter_stack
 
 
 class _Token(NamedTuple):
-    """What autograd keeps of W + ε: enough to regenerate it, and the view's geometry."""
+    """What autograd keeps of W + P: enough to regenerate it, and the view's geometry."""
 
-    noise: Noise
+    perturbation: Perturbation
     weight: Tensor
     version: int
     size: torch.Size
@@ -54,57 +52,65 @@ class _Outer(NamedTuple):
     packed: Any
 
 
-class Noise:
-    """One weight's noise for one draw: its std, seed, generator, layout and kept row."""
+class Perturbation(Protocol):
+    """One weight's P for one arming: what the forward adds to W, in W's storage layout.
 
-    __slots__ = ("generator", "keep", "scale", "seed", "std", "transposed")
-
-    def __init__(
-        self,
-        std: Tensor,
-        seed: int,
-        generator: torch.Generator,
-        weight: Tensor,
-        transposed: bool,
-        keep: Optional[int] = None,
-    ):
-        self.std = std
-        self.seed = seed
-        self.generator = generator
-        self.transposed = transposed
-        self.keep = keep
-        self.scale = _broadcast(std, weight, transposed)  # the std in W's storage layout
-
-    def epsilon(self, weight: Tensor, dtype: torch.dtype) -> Tensor:
-        """ε itself, drawn in ``dtype``: for quantized weights, which have no float dtype."""
-        eps = draw_noise(
-            weight,
-            self.std,
-            transposed=self.transposed,
-            generator=self.generator,
-            seed=self.seed,
-            dtype=dtype,
-            keep=self.keep,
-        )
-        return eps.to(dtype)
+    Flat-LoRA's seeded noise (`flatopt._flat.Noise`), Bi-LoRA's auxiliary low-rank module
+    (`flatopt.bilora.Auxiliary`) and a stored gradient-derived P (`Dense`) implement it. The
+    hooks, tokens, exactness and auto mode around it are the same for each.
+    """
 
     def apply(self, weight: Tensor) -> Tensor:
-        """W + ε, a new tensor; grad mode must be off if W requires grad."""
-        return _perturbed_weight(
-            weight, self.scale, self.generator, self.seed, _parallel, self.keep
-        )
+        """W + P as a new tensor, outside autograd. Called again, bit for bit the same, when
+        backward unpacks a saved W + P (so P's inputs must not change in between)."""
+
+    def forward(self, weight: Tensor) -> Tensor:
+        """W + P for the forward: differentiable for W when W requires grad (the gradient is
+        the one taken at W + P), and for whatever P is made of (a low-rank P's factors)."""
+
+    def output(self, weight: Tensor, op: Any, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """f(x; P), the part of the output P adds, for a quantized W that cannot be added to
+        (``op`` is the layer as a function of its weight, `flatopt._output.layer_op`)."""
+
+    def transformed(self, weight: Tensor, plain: Tensor) -> Tensor:
+        """W + P inside a torch.func transform: no saved-tensor hooks (the transforms refuse
+        them); ``plain`` is the tensor inside ``weight``'s wrappers."""
 
 
-class _PerturbedWeight(torch.autograd.Function):
-    """W + ε for a trainable W: the gradient reaching W is the one taken at W + ε."""
+class Law(Protocol):
+    """What an `flatopt._arming.Arming` asks for each site's P, once per arming."""
 
-    @staticmethod
-    def forward(ctx: Any, weight: Tensor, noise: Noise) -> Tensor:
-        return noise.apply(weight)
+    train_only: bool  # eval-mode forwards see W even while armed explicitly
 
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return grad, None
+    def perturbation(self, site: Site, weight: Tensor, unwrap: bool = False) -> Perturbation:
+        """P for ``site``, given the tensor the forward reads (the whole weight under FSDP2);
+        ``unwrap``: inside torch.func, read the plain tensors in their wrappers."""
+
+
+class Dense:
+    """A stored P (a gradient-derived perturbation, SAM-style), in W's storage layout.
+
+    P is a constant: the gradient reaches W, if W requires grad, and nothing else.
+    """
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: Tensor):
+        self.tensor = tensor
+
+    def apply(self, weight: Tensor) -> Tensor:
+        return weight.detach() + self.tensor.to(weight.dtype)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        with torch.no_grad():
+            p = self.tensor.to(weight.dtype)
+        return weight + p
+
+    def output(self, weight: Tensor, op: Any, x: Tensor, dtype: torch.dtype) -> Tensor:
+        return op.forward(x.to(dtype) if x.is_floating_point() else x, self.tensor.to(dtype))
+
+    def transformed(self, weight: Tensor, plain: Tensor) -> Tensor:
+        return weight + self.tensor.to(weight.dtype)
 
 
 class _Entry:
@@ -124,7 +130,7 @@ class _Entry:
 
 
 class _Swap:
-    """One armed (module, weight) pair: swaps W + ε in for the length of each call."""
+    """One armed (module, weight) pair: swaps W + P in for the length of each call."""
 
     __slots__ = ("arming", "reader", "site")
 
@@ -135,8 +141,8 @@ class _Swap:
 
     def pre(self, module: nn.Module) -> Optional[_Entry]:
         arming = self.arming
-        if arming.auto and not module.training:
-            return None  # drop-in mode: evaluation sees W
+        if not module.training and (arming.auto or arming.law.train_only):
+            return None  # drop-in mode (or a training-only P): evaluation sees W
         reader = self.reader
         weight = reader.read()
         if _zero.is_partitioned(weight):
@@ -154,16 +160,13 @@ class _Swap:
             return _Entry(self, weight, None, None)  # output-side noise, added in post
         if _in_transform() is not None:
             return self._pre_transformed(weight)
-        noise = arming.noise(self.site, weight)
-        if weight.requires_grad and torch.is_grad_enabled():
-            perturbed = _PerturbedWeight.apply(weight, noise)
-        else:
-            perturbed = noise.apply(weight)
-        pack = _packer(noise, weight, perturbed, reader.name)
+        perturbation = arming.perturbation(self.site, weight)
+        perturbed = perturbation.forward(weight)
+        pack = _packer(perturbation, weight, perturbed, reader.name)
         _push_hooks(pack, _unpack)
         entry = _Entry(self, weight, perturbed, pack)
         try:
-            _write(reader.owner, reader.attr, perturbed)
+            _sites._write(reader.owner, reader.attr, perturbed)
         except BaseException:
             _pop_hooks()
             raise
@@ -171,19 +174,14 @@ class _Swap:
         return entry
 
     def _pre_transformed(self, weight: Tensor) -> _Entry:
-        """Inside torch.func transforms (grad, jacrev, vmap, ...): the noise is drawn outside
-        them (it depends on no input, and vmap's default randomness refuses draws), and no
-        saved-tensor hooks are pushed (the transforms refuse them), so autograd keeps W + ε."""
-        plain = _unwrap(weight)
+        """Inside torch.func transforms (grad, jacrev, vmap, ...): P is made outside them (it
+        depends on no input, and vmap's default randomness refuses draws), and no saved-tensor
+        hooks are pushed (the transforms refuse them), so autograd keeps W + P."""
+        plain = _sites._unwrap(weight)
         with torch._C._DisableFuncTorch():
-            noise = self.arming.noise(self.site, plain, unwrap=True)
-            if plain is weight:
-                perturbed = noise.apply(plain)
-            else:
-                eps = noise.epsilon(plain, plain.dtype)
-        if plain is not weight:  # W itself is a transform's input: keep W + ε differentiable
-            perturbed = weight + eps
-        _write(self.reader.owner, self.reader.attr, perturbed)
+            perturbation = self.arming.perturbation(self.site, plain, unwrap=True)
+        perturbed = perturbation.transformed(weight, plain)
+        _sites._write(self.reader.owner, self.reader.attr, perturbed)
         self.arming.calls += 1
         return _Entry(self, weight, perturbed, None)
 
@@ -196,9 +194,9 @@ class _Swap:
         if entry.hooks is not None:
             _pop_hooks()
         reader = self.reader
-        # Write W back only if the module still holds our W + ε (FSDP may have resharded it).
-        if _read(reader.owner, reader.attr) is entry.perturbed:
-            _write(reader.owner, reader.attr, entry.weight)
+        # Write W back only if the module still holds our W + P (FSDP may have resharded it).
+        if _sites._read(reader.owner, reader.attr) is entry.perturbed:
+            _sites._write(reader.owner, reader.attr, entry.weight)
         return output
 
     def unwind(self, entry: _Entry) -> None:
@@ -209,8 +207,8 @@ class _Swap:
         if entry.perturbed is None:
             return
         reader = self.reader
-        if _read(reader.owner, reader.attr) is entry.perturbed:
-            _write(reader.owner, reader.attr, entry.weight)
+        if _sites._read(reader.owner, reader.attr) is entry.perturbed:
+            _sites._write(reader.owner, reader.attr, entry.weight)
         # A forward re-run inside backward entered its hooks in autograd's own copy of the
         # thread state, which is gone by now: pop them only if they are still on top.
         top = _top_hooks(False) if entry.hooks is not None else None
@@ -234,13 +232,12 @@ class _Swap:
                 "one tensor."
             )
         dtype = output.dtype if output.is_floating_point() else torch.get_default_dtype()
-        noise = self.arming.noise(self.site, weight)
-        op = self.reader.op(weight)
-        return output + OutputNoise.apply(x, lambda d: noise.epsilon(weight, d), op, dtype)
+        perturbation = self.arming.perturbation(self.site, weight)
+        return output + perturbation.output(weight, self.reader.op(weight), x, dtype)
 
 
-def _packer(noise: Noise, weight: Tensor, perturbed: Tensor, name: str) -> Callable:
-    # Only plain facts about W + ε are captured: holding the tensor would keep it alive.
+def _packer(perturbation: Perturbation, weight: Tensor, perturbed: Tensor, name: str) -> Callable:
+    # Only plain facts about W + P are captured: holding the tensor would keep it alive.
     ptr, device, dtype = perturbed.data_ptr(), perturbed.device, perturbed.dtype
     version = weight._version
     outer = _top_hooks(False)
@@ -255,7 +252,7 @@ def _packer(noise: Noise, weight: Tensor, perturbed: Tensor, name: str) -> Calla
             and saved.data_ptr() - saved.storage_offset() * saved.element_size() == ptr
         ):
             return _Token(
-                noise,
+                perturbation,
                 weight,
                 version,
                 saved.size(),
@@ -276,17 +273,17 @@ def _unpack(packed: Any) -> Tensor:
             raise RuntimeError(
                 "one of the variables needed for gradient computation has been modified by an "
                 f"inplace operation: the weight of {packed.name!r}, from which flatopt "
-                f"regenerates W + ε, is at version {packed.weight._version}; expected version "
+                f"regenerates W + P, is at version {packed.weight._version}; expected version "
                 f"{packed.version} instead. Do not modify the weight between forward and "
                 "backward."
             )
         if torch.is_grad_enabled():  # backward with create_graph=True
             with torch.no_grad():
-                full = packed.noise.apply(packed.weight)
+                full = packed.perturbation.apply(packed.weight)
         else:
-            full = packed.noise.apply(packed.weight)
+            full = packed.perturbation.apply(packed.weight)
         if packed.offset == 0 and packed.size == full.shape and packed.stride == full.stride():
-            return full  # autograd saved W + ε itself: no view to rebuild
+            return full  # autograd saved W + P itself: no view to rebuild
         return full.as_strided(packed.size, packed.stride, packed.offset)
     if isinstance(packed, _Outer):
         return packed.unpack(packed.packed)

@@ -21,6 +21,13 @@ Two things differ under DeepSpeed's engine:
 
 Outside DeepSpeed the same hook catches a wrapped optimizer stepped directly (a framework
 handed the inner optimizer): the step is counted, with a warning naming the fix.
+
+- **The engine checkpoints its ZeRO optimizer, which saves the state dict of the torch
+  optimizer inside it** (``engine.save_checkpoint``: ``zero_pp_rank_*_optim_states.pt``). When
+  that optimizer is the FlatPerturb (handed to ``deepspeed.initialize``, or built by the HF
+  Trainer), its ``"flatopt"`` entry is saved and loaded with it. When it is the optimizer
+  FlatPerturb wraps, hooks on that optimizer add the entry while a ZeRO optimizer saves it and
+  load it into the FlatPerturb while one loads it; outside DeepSpeed they do nothing.
 """
 
 from __future__ import annotations
@@ -112,11 +119,11 @@ def swap_pre(swap: Any, param: Tensor) -> ZeroEntry:
     reader = swap.reader
     _gather(param, reader.name)
     gathered = param.data  # DeepSpeed's whole W, a plain tensor
-    noise = swap.arming.noise(swap.site, gathered)
-    perturbed = noise.apply(gathered)
+    perturbation = swap.arming.perturbation(swap.site, gathered)
+    perturbed = perturbation.apply(gathered)
     # What autograd saves of W + ε (the parameter itself, or a view of it) is regenerated from
     # the parameter, which DeepSpeed gathers again before the module's backward.
-    pack = _swap._packer(noise, param, perturbed, reader.name)
+    pack = _swap._packer(perturbation, param, perturbed, reader.name)
     _swap._push_hooks(pack, _unpack)
     entry = ZeroEntry(swap, param, gathered, perturbed, pack)
     param.data = perturbed  # the partition (ds_tensor) and DeepSpeed's buffer stay untouched
@@ -168,13 +175,19 @@ _STEP_NAMES = frozenset({"step", "_optimizer_step"})
 
 def in_deepspeed_step() -> bool:
     """Whether a DeepSpeed ZeRO optimizer's ``step()`` is running in this thread."""
+    return _in_zero_method(_STEP_NAMES)
+
+
+def _in_zero_method(names: Any = None) -> bool:
+    """Whether a method of a DeepSpeed ZeRO optimizer (one of ``names``; None: any) is
+    running in this thread."""
     if "deepspeed" not in sys.modules:
         return False
-    frame = sys._getframe(1)
+    frame = sys._getframe(2)
     for _ in range(24):
         if frame is None:
             return False
-        if frame.f_code.co_name in _STEP_NAMES:
+        if names is None or frame.f_code.co_name in names:
             owner = frame.f_locals.get("self")
             if owner is not None and is_zero_optimizer(owner):
                 return True
@@ -277,11 +290,81 @@ def _count(flat: Any) -> None:
     _COUNTED[state] = state.step
 
 
+# -- checkpoints: the "flatopt" entry in what a ZeRO optimizer saves -------------------------
+
+
+class _Hook:
+    """A hook of a FlatPerturb on its wrapped optimizer; a copy is inert."""
+
+    __slots__ = ("__weakref__", "busy", "owner")
+
+    def __init__(self, flat: Any = None):
+        self.owner = weakref.ref(flat) if flat is not None else None
+        self.busy = False
+
+    def __reduce__(self) -> tuple:
+        return (type(self), ())
+
+    def flat(self, optimizer: Any) -> Any:
+        flat = self.owner() if self.owner is not None else None
+        return flat if flat is not None and flat._inner is optimizer else None
+
+
+class _SaveEntry(_Hook):
+    """State-dict post-hook: a ZeRO optimizer saving the wrapped optimizer's state saves the
+    FlatPerturb's ``"flatopt"`` entry with it."""
+
+    __slots__ = ()
+
+    def __call__(self, optimizer: Any, state_dict: dict) -> None:
+        flat = self.flat(optimizer)
+        if flat is None or self.busy or not _in_zero_method():
+            return
+        self.busy = True  # FlatPerturb.state_dict() reads the wrapped optimizer's again
+        try:
+            state_dict["flatopt"] = flat.state_dict()["flatopt"]
+        finally:
+            self.busy = False
+
+
+class _LoadEntry(_Hook):
+    """Load-state-dict pre-hook: a ZeRO optimizer loading a state with a ``"flatopt"`` entry
+    into the wrapped optimizer loads that entry into the FlatPerturb (checked whole first)."""
+
+    __slots__ = ()
+
+    def __call__(self, optimizer: Any, state_dict: dict) -> Any:
+        flat = self.flat(optimizer)
+        if flat is None or "flatopt" not in state_dict or not _in_zero_method():
+            return None
+        # FlatPerturb.load_state_dict's checks and bookkeeping; the wrapped optimizer's state
+        # is the one being loaded right now, so its load_state_dict is skipped there.
+        saved = optimizer.__dict__.get("load_state_dict", _NoStep)
+        optimizer.__dict__["load_state_dict"] = _NoStep()
+        try:
+            flat.load_state_dict(
+                {"state": {}, "param_groups": [], "flatopt": state_dict["flatopt"]}
+            )
+        finally:
+            if saved is _NoStep:
+                optimizer.__dict__.pop("load_state_dict", None)
+            else:
+                optimizer.__dict__["load_state_dict"] = saved
+        return {key: value for key, value in state_dict.items() if key != "flatopt"}
+
+
 def watch(flat: Any) -> None:
-    """Install the step pre-hook of a new FlatPerturb on its wrapped optimizer (and drop the
-    inert ones a copy or a dead wrapper left there)."""
-    hooks = flat._inner._optimizer_step_pre_hooks
-    for key, hook in list(hooks.items()):
-        if isinstance(hook, _Watch) and (hook.owner is None or hook.owner() is None):
-            del hooks[key]
-    flat._inner.register_step_pre_hook(_Watch(flat))
+    """Install a new FlatPerturb's hooks on its wrapped optimizer: the step pre-hook, and the
+    checkpoint hooks (dropping the inert ones a copy or a dead wrapper left there)."""
+    inner = flat._inner
+    for hooks in (
+        inner._optimizer_step_pre_hooks,
+        inner._optimizer_state_dict_post_hooks,
+        inner._optimizer_load_state_dict_pre_hooks,
+    ):
+        for key, hook in list(hooks.items()):
+            if isinstance(hook, (_Watch, _Hook)) and (hook.owner is None or hook.owner() is None):
+                del hooks[key]
+    inner.register_step_pre_hook(_Watch(flat))
+    inner.register_state_dict_post_hook(_SaveEntry(flat))
+    inner.register_load_state_dict_pre_hook(_LoadEntry(flat))

@@ -1,7 +1,8 @@
 """``FlatPerturb``: Flat-LoRA's random weight perturbation as a wrapper around any optimizer.
 
 The wrapper only holds state (seed, step count, targets); the noise law lives in
-`flatopt.noise` and the mechanics of the swap in `flatopt._arming`.
+`flatopt._flat` (its maths in `flatopt.noise`) and the mechanics of the swap in
+`flatopt._arming` and the modules it names.
 """
 
 from __future__ import annotations
@@ -19,21 +20,16 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from . import _zero
+from . import _flat, _zero
 from ._arming import Arming, Generators, Site, _Slot, build_sites, root_hook
+from ._flat import FlatLoRA, sigma_t
+from ._swap import Law
 from .adapters import Adapter, check_adapters, find_targets
-from .noise import SCHEDULES, Schedule, schedule_factor, seed_of_target, step_seed
+from .noise import SCHEDULES, Schedule
 
 __all__ = ["FlatPerturb", "unwrap"]
 
 _RESAMPLE = ("step", "call")
-
-
-def _rank() -> int:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return 0
 
 
 def _is_int(value: Any) -> bool:
@@ -265,22 +261,22 @@ class _State:
     # -- arming ----------------------------------------------------------------------------
 
     def sigma_t(self) -> float:
-        return self.sigma * schedule_factor(self.schedule, self.step, self.total_steps)
+        return sigma_t(self.sigma, self.schedule, self.step, self.total_steps)
+
+    def active(self) -> bool:
+        """Whether this step perturbs at all (σ_t > 0)."""
+        return self.sigma_t() > 0
+
+    def law(self) -> Law:
+        draw = self.draw if self.resample == "call" else 0
+        rank = _flat.rank() if self.rank_noise else 0
+        sigma = self.sigma_t()
+        return FlatLoRA(sigma, self.seed, self.step, draw, rank, self.stds, self.generators)
 
     def arm(self, auto: bool) -> None:
         self.check_model()
-        sigma = self.sigma_t()
-        draw = self.draw if self.resample == "call" else 0
-        rank = _rank() if self.rank_noise else 0
-        prefix = step_seed(self.seed, self.step, draw)
-        self.arming = Arming(
-            self.sites if sigma > 0 else [],
-            sigma,
-            lambda index: seed_of_target(prefix, index, rank),
-            self.stds,
-            self.generators,
-            auto=auto,
-        )
+        sites = self.sites if self.active() else []
+        self.arming = Arming(sites, self.law(), auto=auto)
         self.draw += 1
 
     def disarm(self) -> Optional[Arming]:
@@ -721,14 +717,14 @@ class FlatPerturb(torch.optim.Optimizer):
                 "did not take the step. Call opt.restore() after backward() and before "
                 "opt.step(), or use `with opt.perturbed():`."
             )
-        sigma = state.sigma_t()
+        active = state.active()
         clean = 0 if state.auto else state.clean_forwards()
         if not state.auto and not state.perturbed_step:
             if closure is not None:
                 closure = self._perturbed_closure(closure)
-                if clean and sigma > 0:  # micro-batches ran before the closure, unperturbed
+                if clean and active:  # micro-batches ran before the closure, unperturbed
                     state.warn_once("partly", self._partly_message(clean))
-            elif sigma > 0:
+            elif active:
                 state.warn_once(
                     "explicit",
                     "step() ran without perturb() since the previous step, so this step "
@@ -736,14 +732,14 @@ class FlatPerturb(torch.optim.Optimizer):
                     "forward and backward, or build FlatPerturb(..., auto=True) when a trainer "
                     "(HF Trainer, Lightning, Accelerate, ...) owns the loop.",
                 )
-        elif not state.auto and clean and sigma > 0:
+        elif not state.auto and clean and active:
             state.warn_once("partly", self._partly_message(clean))
         try:
             loss = self._inner.step() if closure is None else self._inner.step(closure)
         finally:
             if state.auto:
                 state.disarm()
-        if state.auto and sigma > 0 and state.calls_step == 0:
+        if state.auto and active and state.calls_step == 0:
             state.warn_once(
                 "auto",
                 "FlatPerturb(auto=True): no target layer ran a training-mode forward in this "
@@ -754,7 +750,7 @@ class FlatPerturb(torch.optim.Optimizer):
         if (
             state.auto
             and state.resample == "call"
-            and sigma > 0
+            and active
             and state.calls_step > 0
             and state.model_forwards == 0
         ):

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from ._arming import Arming, Generators, _Slot, build_sites, drop_hooks, find_slot
+from ._flat import FlatLoRA
 from .adapters import Adapter, find_targets
-from .noise import seed_of_target, step_seed
 from .perturb import check_sigma
 
 __all__ = ["Sharpness", "sharpness"]
@@ -116,8 +116,7 @@ def _perturbed_increases(
     generators = Generators()
     increases, calls = [], 0
     for draw in range(samples):
-        prefix = step_seed(seed, 0, draw)
-        arming = Arming(sites, sigma, lambda i, p=prefix: seed_of_target(p, i), stds, generators)
+        arming = Arming(sites, FlatLoRA(sigma, seed, 0, draw, 0, stds, generators))
         try:
             increases.append(_mean_loss(loss_fn, batches) - clean)
         finally:

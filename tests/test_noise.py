@@ -751,7 +751,7 @@ def test_rank_noise_decides_whether_ranks_draw_their_own_noise(rank_noise, monke
     model = _lora_model(device=device)
     opt = _wrap(model, rank_noise=rank_noise)
     on_rank_0 = _read_noise(opt, model)
-    monkeypatch.setattr(flatopt.perturb, "_rank", lambda: 1)
+    monkeypatch.setattr(flatopt._flat, "rank", lambda: 1)
     on_rank_1 = _read_noise(opt, model)
     assert torch.equal(on_rank_0, on_rank_1) is not rank_noise
     _assert_row_std(on_rank_1, _merged_std(model, 0.1), E2E_ROW_TOL, E2E_MEAN_TOL)
