@@ -52,9 +52,12 @@ venv .venv-tt constraints/torchtune-litgpt.txt dev torchtune torchao litgpt
 
 echo "== integrations: DeepSpeed ZeRO-1/2/3 on 2 gloo CPU ranks (one spawn for every case)"
 # DS_BUILD_OPS=0: no op is compiled at install; the first run builds a communication op (cached).
-DS_BUILD_OPS=0 venv .venv-ds constraints/deepspeed.txt dev deepspeed
-.venv-ds/bin/python -m pip list 2>/dev/null | grep -iE "^(torch|deepspeed) "
-.venv-ds/bin/python -m pytest -p no:cacheprovider tests/integrations/test_deepspeed.py
+# transformers, accelerate and peft: the HF Trainer and Accelerate's plugin over DeepSpeed.
+DS_BUILD_OPS=0 venv .venv-ds constraints/deepspeed.txt dev deepspeed transformers accelerate peft
+.venv-ds/bin/python -m pip list 2>/dev/null \
+  | grep -iE "^(torch|deepspeed|transformers|accelerate|peft) "
+HF_DATASETS_OFFLINE=1 TQDM_DISABLE=1 .venv-ds/bin/python -m pytest -p no:cacheprovider \
+  tests/integrations/test_deepspeed.py
 for script in examples/recipes/deepspeed_*.py; do
   echo "-- $script"
   .venv-ds/bin/python "$script" --smoke

@@ -292,3 +292,84 @@ def guarded(fn, *args) -> dict[str, Any]:
 def deepspeed_env(rank: int, world: int) -> None:
     """What DeepSpeed reads of the launcher's environment; the process group already exists."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+
+
+# -- resume: engine.save_checkpoint / load_checkpoint ---------------------------------------
+
+RESUME_AT = 2  # steps before the checkpoint; the run goes on to STEPS
+RESUMED = (
+    DSCase("zero3_before", order="before"),
+    DSCase("zero3_handed_auto", order="handed", auto=True, groups=2),
+    DSCase("zero2_after", stage=2, order="after", groups=2),
+)
+
+
+def _train(engine, opt, case: DSCase, seen: Seen, steps: range) -> list[dict[str, list[Tensor]]]:
+    """``steps`` optimizer steps of the case's loop; the weights each step's forwards read."""
+    rank, reads = dist.get_rank(), []
+    for step in steps:
+        for x, y in micro_batches(rank, step)[: case.accumulation]:
+            if case.auto:
+                engine.backward(F.mse_loss(engine(x), y))
+            else:
+                with opt.perturbed():
+                    engine.backward(F.mse_loss(engine(x), y))
+            engine.step()
+        reads.append(seen.take())
+    return reads
+
+
+def run_resume(case: DSCase, directory: str) -> dict[str, Any]:
+    """An uninterrupted run of STEPS steps, and one that saves the engine's checkpoint after
+    RESUME_AT steps; a fresh engine and FlatPerturb load it and go on. The resumed steps must
+    read bitwise the same W + ε and end with bitwise the same trainable parameters."""
+    runs = []
+    for resumed in (False, True):
+        net = build("lora")
+        engine, opt = build_engine(case, net)
+        names = [name for name, _ in opt.targets]
+        seen = Seen(engine.module, names)
+        if resumed:
+            engine.load_checkpoint(directory, tag="resume")
+            at = opt.num_steps
+            reads = _train(engine, opt, case, seen, range(RESUME_AT, STEPS))
+        else:
+            reads = _train(engine, opt, case, seen, range(RESUME_AT))
+            engine.save_checkpoint(directory, tag="resume")
+            saved = torch.load(
+                f"{directory}/resume/{_optim_file(case, dist.get_rank())}", weights_only=False
+            )["optimizer_state_dict"]
+            entry = _inner_state(saved, case.stage).get("flatopt")
+            reads += _train(engine, opt, case, seen, range(RESUME_AT, STEPS))
+        trained = {n: p for n, p in _gathered(engine.module).items() if p.requires_grad}
+        runs.append((reads, trained, opt.num_steps, opt.sigma))
+        engine.destroy()
+    (full, trained, steps, sigma), (tail, trained_resumed, steps_resumed, sigma_resumed) = runs
+    differ = []
+    for offset, (want, got) in enumerate(zip(full[RESUME_AT:], tail)):
+        for name in want:
+            if len(want[name]) != len(got[name]) or not all(
+                torch.equal(a, b) for a, b in zip(want[name], got[name])
+            ):
+                differ.append(f"step {RESUME_AT + offset}, {name!r}: W + ε differs")
+    for name in trained:
+        if not torch.equal(trained[name], trained_resumed[name]):
+            differ.append(f"{name}: trained parameter differs after resuming")
+    return {
+        "saved_entry": entry,
+        "loaded_at": at,
+        "steps": (steps, steps_resumed),
+        "sigmas": (sigma, sigma_resumed),
+        "differ": differ,
+        "resumed_reads": sum(len(v) for step in tail for v in step.values()),
+    }
+
+
+def _optim_file(case: DSCase, rank: int) -> str:
+    """The file of this rank's ZeRO optimizer state in a checkpoint (every stage)."""
+    return f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+
+
+def _inner_state(saved: dict[str, Any], stage: int) -> dict[str, Any]:
+    """The torch optimizer's state dict inside what a ZeRO optimizer saved."""
+    return saved["optimizer_state_dict"] if stage == 3 else saved["base_optimizer_state"]

@@ -1,6 +1,10 @@
 """FlatPerturb under DeepSpeed's engine (ZeRO-1/2/3) on two gloo CPU ranks: one spawn runs every
 case of `deepspeed_cases.CASES` (see tests/integrations/deepspeed_cases.py), each next to an
-unsharded reference with the same seed and rank. The tests below read what the ranks saved.
+unsharded reference with the same seed and rank; the resumed runs of `deepspeed_cases.RESUMED`
+(engine.save_checkpoint / load_checkpoint); and the framework runs of
+tests/integrations/deepspeed_frameworks.py on a tiny peft GPT-2 under ZeRO-3: the HF Trainer with
+a DeepSpeed config (and resuming from its checkpoint) and Accelerate's DeepSpeed plugin. The
+tests below read what the ranks saved.
 
 ``python tests/integrations/test_deepspeed.py`` runs the same spawn and prints a table.
 """
@@ -11,16 +15,20 @@ import datetime
 import math
 from pathlib import Path
 
+import deepspeed_frameworks as frameworks
 import pytest
 import torch.distributed as dist
 from deepspeed_cases import (
     CASES,
+    RESUME_AT,
+    RESUMED,
     SIGMA,
     STEPS,
     TOTAL_STEPS,
     deepspeed_env,
     guarded,
     run_case,
+    run_resume,
 )
 from fsdp_cases import HIDDEN, OUT, WIDTH
 from ranks import WORLD, listed, process_group, reports, spawn
@@ -45,6 +53,18 @@ def _worker(rank: int, host: str, port: int, out_dir: str) -> None:
         results = {"rank": dist.get_rank()}
         for case in CASES:
             results[case.name] = guarded(run_case, case)
+        for case in RESUMED:
+            directory = str(Path(out_dir) / f"checkpoint-{case.name}")
+            results[f"resume_{case.name}"] = guarded(run_resume, case, directory)
+        trainer_dir = str(Path(out_dir) / "trainer")  # shared: each rank saves its own shards
+        for name, run, args in (
+            ("trainer", frameworks.run_trainer, (trainer_dir, False)),
+            ("trainer_resumed", frameworks.run_trainer, (trainer_dir, True)),
+            ("accelerate", frameworks.run_accelerate, ()),
+        ):
+            frameworks.fresh_frameworks()
+            results[name] = guarded(run, *args)
+        frameworks.fresh_frameworks()
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
 
 
@@ -95,13 +115,76 @@ def test_ranks_draw_their_own_noise(ranks, name):
             assert not a.equal(b)
 
 
+@pytest.mark.parametrize("name", [case.name for case in RESUMED])
+def test_engine_checkpoint_resumes_bit_for_bit_with_the_flatopt_entry(ranks, name):
+    """engine.save_checkpoint saves the torch optimizer's state inside the ZeRO optimizer's:
+    FlatPerturb's own when it was handed to initialize, the wrapped one's otherwise, which then
+    carries the "flatopt" entry too. load_checkpoint puts it back into the FlatPerturb."""
+    for rank, report in enumerate(reports(ranks, f"resume_{name}")):
+        assert report["saved_entry"] is not None, "the checkpoint has no 'flatopt' entry"
+        assert report["saved_entry"]["num_steps"] == RESUME_AT
+        assert report["loaded_at"] == RESUME_AT
+        assert report["steps"] == (STEPS, STEPS)
+        assert report["sigmas"][0] == report["sigmas"][1]
+        assert report["resumed_reads"] >= (STEPS - RESUME_AT) * len(TARGETS)
+        assert report["differ"] == [], listed(rank, report["differ"])
+
+
+GPT2_TARGETS = [
+    f"base_model.model.transformer.h.{block}.{name}"
+    for block in range(2)
+    for name in ("attn.c_attn", "attn.c_proj", "mlp.c_proj")
+]
+# Optimizer steps each run takes (the resumed run: those after the checkpoint).
+FRAMEWORK_STEPS = {
+    "trainer": frameworks.STEPS,
+    "trainer_resumed": frameworks.STEPS - frameworks.SAVE_AT,
+    "accelerate": frameworks.STEPS,
+}
+
+
+@pytest.mark.parametrize("name", ["trainer", "trainer_resumed", "accelerate"])
+def test_frameworks_over_deepspeed_see_the_unsharded_w_plus_eps_bitwise(ranks, name):
+    """peft's LoRA layers under ZeRO-3, trained by the HF Trainer with a DeepSpeed config and
+    trainer_optimizer (auto=True), or by an Accelerate loop with the DeepSpeed plugin."""
+    steps = FRAMEWORK_STEPS[name]
+    for rank, report in enumerate(reports(ranks, name)):
+        assert report["engine_optimizer"] == "FlatPerturb"  # the engine steps FlatPerturb itself
+        assert report["targets"] == report["ref_targets"] == GPT2_TARGETS
+        # Every training forward of every target: frameworks.ACCUM micro-batches per step.
+        assert report["compared"] == steps * frameworks.ACCUM * len(GPT2_TARGETS)
+        assert report["seen"] == [], listed(rank, report["seen"])
+        assert report["noiseless"] == [], listed(rank, report["noiseless"])
+        assert report["num_steps"] == frameworks.STEPS
+        assert report["frozen_count"] > 0
+        assert report["frozen_moved"] == [], listed(rank, report["frozen_moved"])
+        assert report["warnings"] == []
+
+
+def test_hf_trainer_resumes_from_its_deepspeed_checkpoint_bit_for_bit(ranks):
+    """The Trainer's checkpoint-N/global_stepN holds FlatPerturb.state_dict(), "flatopt"
+    included, inside each rank's ZeRO optimizer state; resuming continues the noise and the
+    training bit for bit."""
+    full = reports(ranks, "trainer")
+    resumed = reports(ranks, "trainer_resumed")
+    ramp = [0.5 * (1 - math.cos(math.pi * t / frameworks.STEPS)) for t in range(frameworks.STEPS)]
+    for rank, (first, second) in enumerate(zip(full, resumed)):
+        assert first["saved_entry"]["num_steps"] == frameworks.SAVE_AT
+        assert first["saved_entry"]["seed"] == frameworks.SEED
+        assert first["sigmas"] == pytest.approx([frameworks.SIGMA * f for f in ramp])
+        assert second["sigmas"] == first["sigmas"][frameworks.SAVE_AT :]
+        assert first["trained"].keys() == second["trained"].keys()
+        for n, value in first["trained"].items():
+            assert value.equal(second["trained"][n]), f"rank {rank}: {n} differs after resuming"
+
+
 def main() -> None:
     import tempfile
 
     with tempfile.TemporaryDirectory() as directory:
         ranks = spawn(_worker, Path(directory), TIMEOUT, DEADLINE_S)
     print(f"{'case':34} {'forwards':>8} {'W+eps diffs':>11} {'max |grad diff|':>15}  error")
-    for name in NAMES:
+    for name in [*NAMES, *(f"resume_{case.name}" for case in RESUMED), *FRAMEWORK_STEPS]:
         for rank in ranks:
             report = rank[name]
             error = (report["error"] or "").strip().splitlines()[-1:] or [""]
