@@ -11,20 +11,23 @@ Example:
     [('0', (8, 8))]
 """
 
-from . import integrations, lora, noise, reference, sam
+from . import bilora, integrations, lora, noise, reference, sam
 from ._arming import remove_hooks
 from .adapters import Target, dense, register_adapter, unregister_adapter
+from .bilora import BiLoRA
 from .noise import LowRank
 from .perturb import FlatPerturb, unwrap
 from .sam import LoRASAM
 from .sharpness import Sharpness, sharpness
 
 __all__ = [
+    "BiLoRA",
     "FlatPerturb",
     "LoRASAM",
     "LowRank",
     "Sharpness",
     "Target",
+    "bilora",
     "dense",
     "integrations",
     "lora",

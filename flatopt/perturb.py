@@ -394,6 +394,8 @@ class FlatPerturb(torch.optim.Optimizer):
         >>> opt.step(); opt.zero_grad()
     """
 
+    _state_type = _State  # what the wrapper arms: `flatopt.BiLoRA` arms another law
+
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
@@ -457,7 +459,7 @@ class FlatPerturb(torch.optim.Optimizer):
             "rank_noise": rank_noise,
             "auto": auto,
         }
-        self._state = _State(model, adapters, settings)
+        self._state = self._state_type(model, adapters, settings)
 
         # The Optimizer plumbing, without registering the parameters a second time.
         self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
