@@ -333,9 +333,12 @@ def remove_hooks(model: nn.Module) -> int:
                         "opt.restore() (or leave `with opt.perturbed():`) first."
                     )
                 found.append((module, slot))
+    from ._stuck import _StuckWatch  # here, not at the top: _stuck needs the core loaded
+
     for root in modules:
-        for key in [k for k, h in root._forward_pre_hooks.items() if isinstance(h, _RootHook)]:
-            del root._forward_pre_hooks[key]
+        hooks = root._forward_pre_hooks
+        for key in [k for k, h in hooks.items() if isinstance(h, (_RootHook, _StuckWatch))]:
+            del hooks[key]
     for module, _ in found:
         drop_hooks(module)
     return len(found)

@@ -20,7 +20,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from . import _flat, _zero
+from . import _flat, _stuck, _zero
 from ._arming import Arming, Generators, Site, _Slot, build_sites, root_hook
 from ._flat import FlatLoRA, sigma_t
 from ._swap import Law
@@ -470,6 +470,7 @@ class FlatPerturb(torch.optim.Optimizer):
         self._optimizer_load_state_dict_post_hooks: OrderedDict = OrderedDict()
         self._patch_step_function()
         _zero.watch(self)  # count the steps DeepSpeed's engine takes of the wrapped optimizer
+        _stuck.watch(self)  # warn when something else trains the model
         self._warn_unheld_factors()
 
     def _warn_unheld_factors(self) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import os
 import traceback
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,7 +190,6 @@ def build_engine(case: DSCase, net: nn.Module):
 
 
 def run_case(case: DSCase) -> dict[str, Any]:
-    rank = dist.get_rank()
     net = build("lora")
     net.checkpointing = case.checkpointing
     unsharded = copy.deepcopy(net)
@@ -211,6 +211,24 @@ def run_case(case: DSCase) -> dict[str, Any]:
         "num_steps": [],
         "first_seen": [],
     }
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _run_steps(case, engine, opt, ref, seen, names, report)
+    report["stuck"] = stuck_warnings(caught)
+    moved = []
+    for n, (value, version, ptr) in frozen.items():
+        now = _storage(engine.module)[n]
+        if not torch.equal(now[0], value):
+            moved.append(f"{n}: values changed")
+        if now[1] != version or now[2] != ptr:
+            moved.append(f"{n}: version {version} -> {now[1]} or new storage")
+    report.update(frozen_moved=moved, frozen_count=len(frozen))
+    engine.destroy()
+    return report
+
+
+def _run_steps(case, engine, opt, ref, seen, names, report) -> None:
+    rank = dist.get_rank()
     for step in range(case.steps):
         report["sigmas"].append(opt.sigma)
         ref.load(_gathered(engine.module))
@@ -232,16 +250,6 @@ def run_case(case: DSCase) -> dict[str, Any]:
             engine.step()
         ref.step()
         report["num_steps"].append(opt.num_steps)
-    moved = []
-    for n, (value, version, ptr) in frozen.items():
-        now = _storage(engine.module)[n]
-        if not torch.equal(now[0], value):
-            moved.append(f"{n}: values changed")
-        if now[1] != version or now[2] != ptr:
-            moved.append(f"{n}: version {version} -> {now[1]} or new storage")
-    report.update(frozen_moved=moved, frozen_count=len(frozen))
-    engine.destroy()
-    return report
 
 
 def _compare_seen(report, step, index, ours, theirs, ref, sigma, names) -> None:
@@ -373,3 +381,31 @@ def _optim_file(case: DSCase, rank: int) -> str:
 def _inner_state(saved: dict[str, Any], stage: int) -> dict[str, Any]:
     """The torch optimizer's state dict inside what a ZeRO optimizer saved."""
     return saved["optimizer_state_dict"] if stage == 3 else saved["base_optimizer_state"]
+
+
+STUCK = "counted no step"  # flatopt's warning that something else trains the model
+
+
+def stuck_warnings(caught: list) -> list[str]:
+    return [str(w.message) for w in caught if STUCK in str(w.message)]
+
+
+def run_foreign_optimizer(stage: int) -> dict[str, Any]:
+    """DeepSpeed builds its own optimizer from the config's "optimizer" section and trains the
+    model with it, while the FlatPerturb wraps another one: flatopt must say it is stuck."""
+    case = DSCase(f"foreign_zero{stage}", stage=stage, auto=True)
+    net = build("lora")
+    opt = _wrap(_inner(net, case), net, case)
+    cfg = config(case)
+    cfg["optimizer"] = {"type": "AdamW", "params": {"lr": LR, "torch_adam": True}}
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=net, model_parameters=trainable, config=cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(STEPS):
+            for x, y in micro_batches(dist.get_rank(), step)[: case.accumulation]:
+                engine.backward(F.mse_loss(engine(x), y))
+                engine.step()
+    report = {"stuck": stuck_warnings(caught), "num_steps": opt.num_steps}
+    engine.destroy()
+    return report

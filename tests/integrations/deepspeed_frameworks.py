@@ -232,6 +232,33 @@ def run_trainer(directory: str, resume: bool) -> dict[str, Any]:
     return report
 
 
+def run_trainer_handed_optimizers(directory: str) -> dict[str, Any]:
+    """``optimizers=(FlatPerturb(...), None)`` under DeepSpeed: the Trainer drops it for an
+    optimizer it builds itself (transformers' deepspeed_init), which then trains the model
+    while the FlatPerturb never steps. flatopt must say so."""
+    model = tiny_gpt2()
+    inner = torch.optim.AdamW(trainable(model), lr=LR)
+    flat = flatopt.FlatPerturb(inner, model, sigma=SIGMA, total_steps=STEPS, seed=SEED, auto=True)
+    args = trainer_args(directory)
+    args.save_strategy = "no"
+    trainer = transformers.Trainer(
+        model=model,
+        args=args,
+        train_dataset=[{"input_ids": s, "labels": s} for s in sequences(8, seed=1)],
+        optimizers=(flat, None),
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    report = {
+        "warnings": _flatopt_warnings(caught),
+        "num_steps": flat.num_steps,
+        "engine_optimizer": type(trainer.model_wrapped.optimizer.optimizer).__name__,
+    }
+    trainer.accelerator.free_memory()
+    return report
+
+
 # -- Accelerate's DeepSpeed plugin --------------------------------------------------------------
 
 

@@ -28,6 +28,7 @@ from deepspeed_cases import (
     deepspeed_env,
     guarded,
     run_case,
+    run_foreign_optimizer,
     run_resume,
 )
 from fsdp_cases import HIDDEN, OUT, WIDTH
@@ -56,11 +57,14 @@ def _worker(rank: int, host: str, port: int, out_dir: str) -> None:
         for case in RESUMED:
             directory = str(Path(out_dir) / f"checkpoint-{case.name}")
             results[f"resume_{case.name}"] = guarded(run_resume, case, directory)
+        for stage in (3, 2):
+            results[f"foreign_zero{stage}"] = guarded(run_foreign_optimizer, stage)
         trainer_dir = str(Path(out_dir) / "trainer")  # shared: each rank saves its own shards
         for name, run, args in (
             ("trainer", frameworks.run_trainer, (trainer_dir, False)),
             ("trainer_resumed", frameworks.run_trainer, (trainer_dir, True)),
             ("accelerate", frameworks.run_accelerate, ()),
+            ("trainer_handed", frameworks.run_trainer_handed_optimizers, (trainer_dir + "-h",)),
         ):
             frameworks.fresh_frameworks()
             results[name] = guarded(run, *args)
@@ -113,6 +117,34 @@ def test_ranks_draw_their_own_noise(ranks, name):
             assert a.equal(b)
         else:
             assert not a.equal(b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_case_warns_that_something_else_trains_the_model(ranks, name):
+    for report in reports(ranks, name):
+        assert report["stuck"] == []
+
+
+@pytest.mark.parametrize("stage", [3, 2])
+def test_deepspeeds_own_optimizer_training_the_model_warns_that_flatopt_is_stuck(ranks, stage):
+    """A config "optimizer" section: DeepSpeed trains the model with an optimizer of its own,
+    and FlatPerturb (wrapping another one) never steps. flatopt says so, once."""
+    for report in reports(ranks, f"foreign_zero{stage}"):
+        assert report["num_steps"] == 0
+        assert len(report["stuck"]) == 1, report["stuck"]
+        assert '"optimizer" section' in report["stuck"][0]
+
+
+def test_hf_trainer_dropping_handed_optimizers_under_deepspeed_warns_naming_trainer_optimizer(
+    ranks,
+):
+    """Under DeepSpeed the Trainer replaces optimizers=(opt, None) by an AdamW of its own."""
+    for report in reports(ranks, "trainer_handed"):
+        assert report["engine_optimizer"] == "AdamW"
+        assert report["num_steps"] == 0
+        assert len(report["warnings"]) == 1, report["warnings"]
+        assert "counted no step" in report["warnings"][0]
+        assert "trainer_optimizer" in report["warnings"][0]
 
 
 @pytest.mark.parametrize("name", [case.name for case in RESUMED])
