@@ -74,7 +74,8 @@ class _PreHook:
     def __call__(self, module: nn.Module, args: Any) -> None:
         slot = self.slot
         if slot.swaps or (slot.auto and module.training):
-            _pre_compiled(slot, module)
+            # Eager calls go straight in; under dynamo the disabled copy runs (a graph break).
+            (_pre_compiled if _is_compiling() else _pre)(slot, module)
         elif slot.watch and module.training and torch.is_grad_enabled() and not _is_compiling():
             slot.clean += 1  # a training forward outside perturb()/restore()
 
@@ -92,7 +93,8 @@ class _PostHook:
 
     def __call__(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
         if self.slot.frames:
-            return _post_compiled(self.slot, module, args, kwargs, output)
+            post = _post_compiled if _is_compiling() else _post
+            return post(self.slot, module, args, kwargs, output)
         return None
 
     def __reduce__(self) -> tuple:
@@ -382,7 +384,7 @@ class _RootHook:
 
     def __call__(self, module: nn.Module, args: Any) -> None:
         if module.training and self.owner is not None:
-            _next_draw_compiled(self)
+            (_next_draw_compiled if _is_compiling() else _next_draw)(self)
 
     def __reduce__(self) -> tuple:
         return (_RootHook, ())
