@@ -216,8 +216,24 @@ def later_group(flat: Any) -> bool:
         return False
     if _same_step(state):
         return True
+    refuse_armed(flat)
     _COUNTED[state] = state.step + 1
     return False
+
+
+def refuse_armed(flat: Any) -> None:
+    """engine.step() inside ``with opt.perturbed():``: restore, and say where it goes."""
+    state = flat._state
+    if state.arming is None or state.arming.auto:
+        return
+    flat._restore(warn=False)
+    raise RuntimeError(
+        "DeepSpeed's engine.step() ran while the perturbation is armed (inside `with "
+        "opt.perturbed():`); flatopt restored it and did not take the step. Call engine.step() "
+        "after the block that holds engine(x) and engine.backward(loss). With Accelerate, "
+        "whose accelerator.backward() steps the engine itself, build FlatPerturb(..., "
+        "auto=True) and drop perturbed()."
+    )
 
 
 class _NoStep:
@@ -263,7 +279,9 @@ class _Watch:
         state = flat._state
         if _same_step(state):
             return  # another parameter group of the step already counted
-        if not in_deepspeed_step():
+        if in_deepspeed_step():
+            refuse_armed(flat)
+        else:
             state.warn_once(
                 "inner stepped",
                 f"The optimizer FlatPerturb wraps ({type(optimizer).__name__}) was stepped "

@@ -685,7 +685,8 @@ class FlatPerturb(torch.optim.Optimizer):
         try:
             yield self
         except BaseException:
-            self._restore(warn=False)
+            if self._state.arming is not None:  # step() inside the block restored and raised
+                self._restore(warn=False)
             raise
         self._restore(warn=True)
 

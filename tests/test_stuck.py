@@ -1,6 +1,7 @@
 """Never silently stuck: when something other than FlatPerturb trains the model, flatopt's step
 count (and so the noise schedule) never moves. flatopt warns once, naming the fix, and the
-usual loops never trigger that warning."""
+usual loops never trigger that warning. And a step() inside ``with opt.perturbed():`` raises
+the error that names the fix, not one about the block's own restore."""
 
 from __future__ import annotations
 
@@ -241,3 +242,13 @@ def test_a_new_wrapper_on_the_same_model_replaces_the_watch():
     watches = [h for h in model._forward_pre_hooks.values() if type(h).__name__ == "_StuckWatch"]
     assert len(watches) == 1
     assert _run(lambda: _auto(model, x, opt)) == []
+
+
+def test_step_inside_perturbed_raises_the_step_error_not_a_restore_error():
+    model, x = _model()
+    opt = _wrap(model)
+    armed = r"step\(\) was called while the perturbation is armed"
+    with pytest.raises(RuntimeError, match=armed), opt.perturbed():
+        _loss(model, x).backward()
+        opt.step()
+    assert not opt.is_perturbed and opt.num_steps == 0

@@ -409,3 +409,21 @@ def run_foreign_optimizer(stage: int) -> dict[str, Any]:
     report = {"stuck": stuck_warnings(caught), "num_steps": opt.num_steps}
     engine.destroy()
     return report
+
+
+def run_step_while_armed(order: str) -> dict[str, Any]:
+    """engine.step() inside ``with opt.perturbed():`` raises flatopt's error for the engine and
+    leaves nothing perturbed (the inner optimizer handed to initialize, or the FlatPerturb)."""
+    case = DSCase(f"armed_{order}", order=order, accumulation=1)
+    engine, opt = build_engine(case, build("lora"))
+    x, y = micro_batches(dist.get_rank(), 0)[0]
+    message = None
+    try:
+        with opt.perturbed():
+            engine.backward(F.mse_loss(engine(x), y))
+            engine.step()
+    except RuntimeError as error:
+        message = str(error)
+    report = {"message": message, "perturbed": opt.is_perturbed, "num_steps": opt.num_steps}
+    engine.destroy()
+    return report

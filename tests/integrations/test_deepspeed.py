@@ -30,6 +30,7 @@ from deepspeed_cases import (
     run_case,
     run_foreign_optimizer,
     run_resume,
+    run_step_while_armed,
 )
 from fsdp_cases import HIDDEN, OUT, WIDTH
 from ranks import WORLD, listed, process_group, reports, spawn
@@ -59,6 +60,8 @@ def _worker(rank: int, host: str, port: int, out_dir: str) -> None:
             results[f"resume_{case.name}"] = guarded(run_resume, case, directory)
         for stage in (3, 2):
             results[f"foreign_zero{stage}"] = guarded(run_foreign_optimizer, stage)
+        for order in ("before", "handed"):
+            results[f"armed_{order}"] = guarded(run_step_while_armed, order)
         trainer_dir = str(Path(out_dir) / "trainer")  # shared: each rank saves its own shards
         for name, run, args in (
             ("trainer", frameworks.run_trainer, (trainer_dir, False)),
@@ -145,6 +148,16 @@ def test_hf_trainer_dropping_handed_optimizers_under_deepspeed_warns_naming_trai
         assert len(report["warnings"]) == 1, report["warnings"]
         assert "counted no step" in report["warnings"][0]
         assert "trainer_optimizer" in report["warnings"][0]
+
+
+@pytest.mark.parametrize("order", ["before", "handed"])
+def test_engine_step_inside_perturbed_raises_naming_where_it_goes(ranks, order):
+    for report in reports(ranks, f"armed_{order}"):
+        assert report["message"] is not None, "engine.step() inside perturbed() did not raise"
+        assert report["message"].startswith("DeepSpeed's engine.step() ran while")
+        assert "after the block" in report["message"] and "auto=True" in report["message"]
+        assert not report["perturbed"]
+        assert report["num_steps"] == 0
 
 
 @pytest.mark.parametrize("name", [case.name for case in RESUMED])
