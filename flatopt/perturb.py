@@ -1067,6 +1067,7 @@ def unwrap(optimizer: Any) -> FlatPerturb:
         inner = current.__dict__.get("_optimizer") if hasattr(current, "__dict__") else None
         if not isinstance(inner, torch.optim.Optimizer):
             inner = getattr(current, "optimizer", None)
+        inner = _zero.unwrap_optimizer(inner)  # DeepSpeed's ZeRO optimizer holds the torch one
         current = inner if isinstance(inner, torch.optim.Optimizer) else None
     if found is None:
         raise TypeError(

@@ -74,8 +74,8 @@ def train(output_dir: str, steps: int, resume: bool) -> flatopt.FlatPerturb:
     )
     checkpoint = os.path.join(output_dir, f"checkpoint-{steps // 2}") if resume else None
     trainer.train(resume_from_checkpoint=checkpoint)
-    # Accelerate's wrapper, then DeepSpeed's ZeRO optimizer, then the FlatPerturb they step.
-    return trainer.model_wrapped.optimizer.optimizer
+    # The FlatPerturb inside Accelerate's wrapper and DeepSpeed's ZeRO optimizer.
+    return flatopt.unwrap(trainer.optimizer)
 
 
 def run(steps: int, output_dir: str) -> None:

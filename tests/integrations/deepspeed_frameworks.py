@@ -160,7 +160,8 @@ class _TrainerSteps(transformers.TrainerCallback):
         self.flat: Any = None
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-        self.flat = _engine_optimizer(optimizer)
+        # Accelerate's wrapper around DeepSpeed's ZeRO optimizer around the FlatPerturb.
+        self.flat = flatopt.unwrap(optimizer)
         self.check.start(state.global_step)
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -168,13 +169,6 @@ class _TrainerSteps(transformers.TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.check.end(self.model)
-
-
-def _engine_optimizer(optimizer: Any) -> Any:
-    """The torch optimizer inside Accelerate's and DeepSpeed's wrappers."""
-    while not isinstance(optimizer, flatopt.FlatPerturb):
-        optimizer = optimizer.optimizer
-    return optimizer
 
 
 def trainer_args(directory: str) -> transformers.TrainingArguments:
@@ -280,6 +274,7 @@ def run_accelerate() -> dict[str, Any]:
         kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")],
     )
     engine, optimizer = accelerator.prepare(model, flat)
+    assert flatopt.unwrap(optimizer) is flat  # through Accelerate's and DeepSpeed's wrappers
     check.start()
     data = torch.tensor(sequences(STEPS * ACCUM * MICRO, seed=10 + dist.get_rank()))
     with warnings.catch_warnings(record=True) as caught:
