@@ -70,7 +70,8 @@ class Perturbation(Protocol):
 
     def output(self, weight: Tensor, op: Any, x: Tensor, dtype: torch.dtype) -> Tensor:
         """f(x; P), the part of the output P adds, for a quantized W that cannot be added to
-        (``op`` is the layer as a function of its weight, `flatopt._output.layer_op`)."""
+        (``op`` is the layer as a function of its weight, `flatopt._output.layer_op`), and for
+        a P whose ``output_side`` attribute is true (a low-rank P on a plain linear layer)."""
 
     def transformed(self, weight: Tensor, plain: Tensor) -> Tensor:
         """W + P inside a torch.func transform: no saved-tensor hooks (the transforms refuse
@@ -161,6 +162,9 @@ class _Swap:
         if _in_transform() is not None:
             return self._pre_transformed(weight)
         perturbation = arming.perturbation(self.site, weight)
+        if getattr(perturbation, "output_side", False):  # P added to the output, in post
+            arming.calls += 1
+            return _Entry(self, weight, None, None)
         perturbed = perturbation.forward(weight)
         pack = _packer(perturbation, weight, perturbed, reader.name)
         _push_hooks(pack, _unpack)

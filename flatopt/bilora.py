@@ -54,12 +54,17 @@ class Auxiliary:
     checks W): backward rebuilds W + B₂A₂ from them.
     """
 
-    __slots__ = ("A", "B", "linear", "transposed", "versions")
+    __slots__ = ("A", "B", "linear", "output_side", "transposed", "versions")
 
-    def __init__(self, B: Tensor, A: Tensor, transposed: bool, linear: bool):
+    def __init__(
+        self, B: Tensor, A: Tensor, transposed: bool, linear: bool, output_side: bool = False
+    ):
         self.B, self.A = B, A
         self.transposed = transposed
         self.linear = linear  # a linear layer: f(x; B₂A₂) = (x A₂ᵀ) B₂ᵀ on the output side
+        # A plain nn.Linear computes exactly x Wᵀ + b, so W + B₂A₂ need not be built: the
+        # forward hook adds (x A₂ᵀ) B₂ᵀ, and autograd reaches x, B₂ and A₂ through it.
+        self.output_side = output_side
         self.versions = (B._version, A._version)
 
     def dense(self, weight: Tensor, dtype: torch.dtype) -> Tensor:
@@ -129,7 +134,20 @@ class _AuxiliaryLaw:
         B, A = self.factors[site.name]
         owner = site.readers[0].owner
         linear = weight.ndim == 2 and not isinstance(owner, (nn.Embedding, nn.EmbeddingBag))
-        return Auxiliary(B, A, site.transposed, linear)
+        output_side = linear and not unwrap and all(_plain_linear(r) for r in site.readers)
+        return Auxiliary(B, A, site.transposed, linear, output_side)
+
+
+def _plain_linear(reader: Any) -> bool:
+    """The module called is an ``nn.Linear`` whose own forward reads its ``weight``: its
+    output is x Wᵀ + b, linear in W, so P can be added to the output instead of to W."""
+    module = reader.target.module
+    return (
+        module is reader.owner
+        and reader.attr == "weight"
+        and isinstance(module, nn.Linear)
+        and type(module).forward is nn.Linear.forward
+    )
 
 
 # -- the clip ----------------------------------------------------------------------------------
