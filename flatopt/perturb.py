@@ -12,7 +12,6 @@ import math
 import numbers
 import warnings
 import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Optional, Union
@@ -24,6 +23,7 @@ from . import _flat, _stuck, _zero
 from ._arming import Arming, Generators, Site, _Slot, build_sites, root_hook
 from ._flat import FlatLoRA, sigma_t
 from ._swap import Law
+from ._wrapper import Wrapper
 from .adapters import Adapter, check_adapters, find_targets
 from .noise import SCHEDULES, Schedule
 
@@ -319,7 +319,7 @@ class _State:
             warnings.warn(message, stacklevel=4)
 
 
-class FlatPerturb(torch.optim.Optimizer):
+class FlatPerturb(Wrapper):
     """Wrap ``optimizer`` so each step trains on the loss at a random perturbation W' + ε.
 
     For every LoRA layer found in ``model`` the forward sees W + ε with
@@ -461,14 +461,7 @@ class FlatPerturb(torch.optim.Optimizer):
         }
         self._state = self._state_type(model, adapters, settings)
 
-        # The Optimizer plumbing, without registering the parameters a second time.
-        self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
-        self._optimizer_step_post_hooks: OrderedDict = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: OrderedDict = OrderedDict()
-        self._optimizer_state_dict_post_hooks: OrderedDict = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: OrderedDict = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: OrderedDict = OrderedDict()
-        self._patch_step_function()
+        self._wrap(optimizer)
         _zero.watch(self)  # count the steps DeepSpeed's engine takes of the wrapped optimizer
         _stuck.watch(self)  # warn when something else trains the model
         self._warn_unheld_factors()
@@ -507,41 +500,6 @@ class FlatPerturb(torch.optim.Optimizer):
             "opt.add_param_group({'params': [...]}).",
             stacklevel=3,
         )
-
-    # -- the wrapped optimizer's state, shared rather than copied ---------------------------
-
-    @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        """The wrapped optimizer.
-
-        flatopt itself reads it as ``_inner``: a framework wrapper that subclasses the
-        FlatPerturb may define its own ``optimizer`` (LightningOptimizer does).
-        """
-        return self._inner
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self._inner.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self._inner.param_groups = value
-
-    @property
-    def state(self) -> Any:  # type: ignore[override]
-        return self._inner.state
-
-    @state.setter
-    def state(self, value: Any) -> None:
-        self._inner.state = value
-
-    @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        return self._inner.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self._inner.defaults = value
 
     # -- read-only views --------------------------------------------------------------------
 
@@ -801,14 +759,6 @@ class FlatPerturb(torch.optim.Optimizer):
 
         return perturbed_closure
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Forward to the wrapped optimizer's ``zero_grad``."""
-        self._inner.zero_grad(set_to_none=set_to_none)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Forward to the wrapped optimizer's ``add_param_group``."""
-        self._inner.add_param_group(param_group)
-
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's state dict plus a ``"flatopt"`` entry.
 
@@ -819,26 +769,23 @@ class FlatPerturb(torch.optim.Optimizer):
         pre-hooks before anything is read, the post-hooks on the whole dict (``"flatopt"``
         included), each free to return a replacement.
         """
-        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
-            pre_hook(self)
         state = self._state
-        sd = self._inner.state_dict()
-        sd["flatopt"] = {
-            "seed": state.seed,
-            "num_steps": state.step,
-            "draw": state.draw,
-            "sigma": state.sigma,
-            "schedule": "callable" if callable(state.schedule) else state.schedule,
-            "schedule_name": _callable_name(state.schedule) if callable(state.schedule) else None,
-            "total_steps": state.total_steps,
-            "resample": state.resample,
-            "rank_noise": state.rank_noise,
-        }
-        for post_hook in self._optimizer_state_dict_post_hooks.values():
-            result = post_hook(self, sd)
-            if result is not None:
-                sd = result
-        return sd
+        return self._state_dict_with(
+            "flatopt",
+            lambda: {
+                "seed": state.seed,
+                "num_steps": state.step,
+                "draw": state.draw,
+                "sigma": state.sigma,
+                "schedule": "callable" if callable(state.schedule) else state.schedule,
+                "schedule_name": _callable_name(state.schedule)
+                if callable(state.schedule)
+                else None,
+                "total_steps": state.total_steps,
+                "resample": state.resample,
+                "rank_noise": state.rank_noise,
+            },
+        )
 
     def _check_own(self, own: Any) -> dict[str, Any]:
         """Validate a state dict's ``"flatopt"`` entry by the constructor's rules."""

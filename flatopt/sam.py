@@ -26,13 +26,13 @@ import contextlib
 import math
 import numbers
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
+from ._wrapper import Wrapper
 from .perturb import FlatPerturb
 
 __all__ = ["LoRASAM", "sam_perturbation"]
@@ -105,7 +105,7 @@ class _Settings:
             warnings.warn(message, stacklevel=5)  # warn_once, _clear_grads, step, hook wrapper
 
 
-class LoRASAM(torch.optim.Optimizer):
+class LoRASAM(Wrapper):
     """Wrap ``optimizer`` so that each step is SAM's: a step with the gradient at θ + ε.
 
     ``step(closure)`` runs the closure (forward, backward, return the loss) twice:
@@ -180,17 +180,8 @@ class LoRASAM(torch.optim.Optimizer):
                 f"model must be an nn.Module or None, got {type(model).__name__}. LoRASAM needs "
                 "only the optimizer's parameters; leave model out if in doubt."
             )
-        self._inner = optimizer
         self._sam = _Settings(_check_rho(rho), _check_adaptive(adaptive))
-
-        # The Optimizer plumbing, without registering the parameters a second time.
-        self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
-        self._optimizer_step_post_hooks: OrderedDict = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: OrderedDict = OrderedDict()
-        self._optimizer_state_dict_post_hooks: OrderedDict = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: OrderedDict = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: OrderedDict = OrderedDict()
-        self._patch_step_function()
+        self._wrap(optimizer)
         if model is not None:
             self._warn_unheld(model)
 
@@ -208,37 +199,6 @@ class LoRASAM(torch.optim.Optimizer):
                 "model.parameters() if p.requires_grad]).",
                 stacklevel=3,
             )
-
-    # -- the wrapped optimizer's state, shared rather than copied ---------------------------
-
-    @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        """The wrapped optimizer."""
-        return self._inner
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self._inner.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self._inner.param_groups = value
-
-    @property
-    def state(self) -> Any:  # type: ignore[override]
-        return self._inner.state
-
-    @state.setter
-    def state(self, value: Any) -> None:
-        self._inner.state = value
-
-    @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        return self._inner.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self._inner.defaults = value
 
     @property
     def rho(self) -> float:
@@ -327,14 +287,6 @@ class LoRASAM(torch.optim.Optimizer):
                 self._sam.left[id(p)] = (id(p.grad), p.grad._version)
         return loss
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Forward to the wrapped optimizer's ``zero_grad``."""
-        self._inner.zero_grad(set_to_none=set_to_none)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Forward to the wrapped optimizer's ``add_param_group``."""
-        self._inner.add_param_group(param_group)
-
     # -- checkpoints --------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
@@ -343,15 +295,9 @@ class LoRASAM(torch.optim.Optimizer):
         LoRASAM keeps no other state, so loading it into a fresh wrapper continues the run bit
         for bit. State-dict hooks run as on any ``torch.optim.Optimizer``.
         """
-        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
-            pre_hook(self)
-        sd = self._inner.state_dict()
-        sd["lora_sam"] = {"rho": self._sam.rho, "adaptive": self._sam.adaptive}
-        for post_hook in self._optimizer_state_dict_post_hooks.values():
-            result = post_hook(self, sd)
-            if result is not None:
-                sd = result
-        return sd
+        return self._state_dict_with(
+            "lora_sam", {"rho": self._sam.rho, "adaptive": self._sam.adaptive}
+        )
 
     @staticmethod
     def _check_own(own: Any) -> tuple[float, bool]:
