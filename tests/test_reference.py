@@ -1,14 +1,16 @@
-"""The fast path (ε regenerated from a seed inside hooks) against a slow reference that builds
-W + ε by hand and runs the model on it with ``torch.func.functional_call``."""
+"""The fast path (ε regenerated from a seed inside hooks) against the slow reference,
+`flatopt.reference`, which builds W + ε by hand from the same z and runs the model on it with
+``torch.func.functional_call``."""
 
 import pytest
 import torch
-from helpers import KINDS, build, reference_forward, reference_weights
+from helpers import KINDS, bits_equal, build, reference_forward, reference_weights, snapshot
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
 import flatopt
+from flatopt.reference import flat_lora_perturbations, perturbed_forward, seeded_z
 
 # The fast path fuses W + z·std in one addcmul; the reference adds an fp32 ε: both round once
 # to W's dtype, so they may differ by one ulp of W + ε. The tolerances allow a few ulps after
@@ -42,9 +44,14 @@ def _run_both(kind, dtype, out, fan_in, rank, sigma, seed, steps=1, device="cpu"
         fast.float().square().mean().backward()
     fast_grads = [p.grad.clone() for p in trainable]
     opt.zero_grad()
-    slow = reference_forward(model, reference_weights(opt, model), x)
+    before = snapshot(model)
+    eps = flat_lora_perturbations(model, opt.sigma, seeded_z(opt.seed, opt.num_steps), adapters)
+    slow = perturbed_forward(model, eps, x)
     slow.float().square().mean().backward()
     slow_grads = [p.grad.clone() for p in trainable]
+    for name, (value, version, _) in before.items():  # functional_call wrote nothing
+        tensor = model.state_dict(keep_vars=True)[name]
+        assert tensor._version == version and bits_equal(tensor.detach(), value), name
     return fast, slow, fast_grads, slow_grads, model(x)
 
 

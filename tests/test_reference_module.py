@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import KINDS, bits_equal, build, snapshot
+from helpers import bits_equal, build
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -150,54 +150,7 @@ def test_the_law_holds_on_a_weight_past_the_dense_row_norm_size(delta):
     torch.testing.assert_close(flat_lora_noise(W, delta, 0.1, z), fast, rtol=2e-5, atol=1e-7)
 
 
-# -- the forward at W + ε, against FlatPerturb ---------------------------------------------
-
-
-@given(
-    kind=st.sampled_from(KINDS),
-    dtype=st.sampled_from(list(FORWARD_TOLERANCE)),
-    out=st.integers(1, 10),
-    fan_in=st.integers(4, 10),
-    rank=st.integers(1, 3),
-    sigma=st.floats(0.01, 0.3),
-    seed=st.integers(0, 1000),
-    steps=st.integers(0, 3),
-)
-def test_the_reference_forward_is_flat_perturbs_given_its_seed(
-    kind, dtype, out, fan_in, rank, sigma, seed, steps, device
-):
-    model, x, adapters = build(kind, dtype, out, fan_in, rank, seed, device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = flatopt.FlatPerturb(
-        torch.optim.SGD(trainable, lr=0.05),
-        model,
-        sigma=sigma,
-        schedule="linear",
-        total_steps=4,
-        seed=seed,
-        adapters=adapters,
-    )
-    for _ in range(steps):  # move along the schedule, and move the LoRA factors
-        with opt.perturbed():
-            model(x).float().square().mean().backward()
-        opt.step()
-        opt.zero_grad()
-    with opt.perturbed():
-        fast = model(x)
-        fast.float().square().mean().backward()
-    fast_grads = [p.grad.clone() for p in trainable]
-    opt.zero_grad()
-    before = snapshot(model)
-    eps = flat_lora_perturbations(model, opt.sigma, seeded_z(opt.seed, opt.num_steps), adapters)
-    slow = perturbed_forward(model, eps, x)
-    slow.float().square().mean().backward()
-    tol = FORWARD_TOLERANCE[dtype]
-    torch.testing.assert_close(fast, slow, **tol)
-    for got, p in zip(fast_grads, trainable):
-        torch.testing.assert_close(got.float(), p.grad.float(), **tol)
-    for name, (value, version, _) in before.items():  # functional_call wrote nothing
-        tensor = model.state_dict(keep_vars=True)[name]
-        assert tensor._version == version and bits_equal(tensor.detach(), value), name
+# -- the forward at W + ε: tests/test_reference.py compares it with FlatPerturb's --------------
 
 
 def test_an_embeddings_padding_row_gets_no_noise_as_in_flat_perturb():
