@@ -241,7 +241,7 @@ def arms(cfg: Config) -> list[Arm]:
 
 
 def higher_is_better(metric: str) -> bool:
-    return metric.startswith("acc")
+    return metric.startswith(("acc", "f1"))
 
 
 # -- one run ------------------------------------------------------------------------------------
@@ -400,8 +400,14 @@ def is_flat(report: dict, arm: str) -> bool:
     return bool(found) and found[0]["sigma"] > 0
 
 
+def in_family(report: dict, arm: str) -> bool:
+    """The arms the Holm family covers: ``holm_arms`` where the report names them (every
+    method compared), else every Flat arm."""
+    return arm in report["holm_arms"] if "holm_arms" in report else is_flat(report, arm)
+
+
 def family(report: dict) -> list[tuple[str, str, str]]:
-    """(task, arm, metric) of every Flat arm's comparison: the Holm family of the run.
+    """(task, arm, metric) of every compared arm's comparison: the Holm family of the run.
 
     A task with one corruption type has ``acc corrupted-k`` equal to that type's set k, so
     those averages are counted once, as the set itself.
@@ -410,7 +416,7 @@ def family(report: dict) -> list[tuple[str, str, str]]:
     for task, result in report["tasks"].items():
         repeats = len(result["corruptions"]) == 1
         for arm, metrics in result["summary"].items():
-            if not is_flat(report, arm):
+            if not in_family(report, arm):
                 continue
             for metric, entry in metrics.items():
                 if "diff" in entry and not (repeats and metric.startswith("acc corrupted-")):
@@ -445,6 +451,8 @@ def add_holm(report: dict) -> int:
 
 LABELS = {
     "acc clean": "clean acc %",
+    "f1 clean": "macro-F1 %",
+    "nll clean": "NLL",
     "acc shifted": "shifted acc %",
     "acc corrupted-1": "corr. 1 %",
     "acc corrupted-2": "corr. 2 %",

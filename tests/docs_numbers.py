@@ -41,6 +41,10 @@ def results(name: str) -> dict:
     return json.loads((RESULTS / name).read_text(encoding="utf-8"))
 
 
+def _ms(value: float) -> str:
+    return f"{value:.1f}" if value < 10 else f"{value:.0f}"
+
+
 def _percent(fraction: float) -> str:
     return f"{100 * fraction:.1f}%"
 
@@ -733,13 +737,25 @@ def quality_real() -> str:
     arms = [a["name"] for a in data["arms"]]
     seeds = {t: r["summary"]["LoRA"]["acc clean"]["n"] for t, r in tasks.items()}
     missing = data.get("arms_missing", [])
+    timed = "timing" in data
+    short = [
+        f"the {t} task after {seeds[t]} of its {data['config'][t + '_seeds']} seeds"
+        for t in tasks
+        if seeds[t] < data["config"][t + "_seeds"]
+    ]
+    stopped = (
+        f" The run was stopped, {_listing(short)}: the machine was shared with other jobs, "
+        "which slowed every run, and the time set aside for it ran out."
+        if short
+        else ""
+    )
     lines = [
         f"Arms that ran: {_listing(arms)}"
         + (f"; not in flatopt when the run started: {_listing(missing)}." if missing else ".")
         + " Seeds: "
         + _listing([f"{seeds[t]} on {t}" for t in tasks])
         + f", every arm on the same seeds. The run took {data['seconds'] / 60:.0f} min "
-        f"({data['machine']}).",
+        f"({data['machine']})." + stopped,
     ]
     for task, result in tasks.items():
         summary, cost, n = result["summary"], result["cost"], seeds[task]
@@ -760,8 +776,8 @@ def quality_real() -> str:
             "",
             "| arm | "
             + " | ".join(heads.get(m) or _REAL_COLUMN_HEADS[m] for m, _ in columns)
-            + " | ms / step | × LoRA |",
-            "|---|" + "---|" * len(columns) + "---:|---:|",
+            + (" |" if timed else " | ms / step | × LoRA |"),
+            "|---|" + "---|" * len(columns) + ("" if timed else "---:|---:|"),
         ]
         for arm in summary:
             if arm == "LoRA":
@@ -773,28 +789,51 @@ def quality_real() -> str:
                 ]
             else:
                 cells = [_real_cell(summary[arm][m]["diff"], d, n) for m, d in columns]
-            lines.append(
-                f"| {arm} | " + " | ".join(cells) + f" | {cost[arm]['ms_per_step']:.0f} | "
-                f"{cost[arm]['over_lora_median']:.2f} |"
-            )
+            per_run = f" {cost[arm]['ms_per_step']:.0f} | {cost[arm]['over_lora_median']:.2f} |"
+            lines.append(f"| {arm} | " + " | ".join(cells) + (" |" if timed else f" |{per_run}"))
+    if timed:
+        timing = data["timing"]
+        first = next(iter(timing.values()))
+        arms_timed = list(first)
+        rounds, steps = first["LoRA"]["rounds"], first["LoRA"]["steps_per_round"]
+        lines += [
+            "",
+            f"**Cost per step**, timed apart from the runs above: every arm built on the same "
+            f"seed, then {rounds} rounds in which each arm takes {steps} training steps in "
+            f"turn; the median over the rounds of the ms per step, and of its ratio to plain "
+            f"LoRA's in the same round ({data['timing_machine']}):",
+            "",
+            "| arm | " + " | ".join(f"{t}: ms / step | {t}: × LoRA" for t in timing) + " |",
+            "|---|" + "---:|---:|" * len(timing),
+        ]
+        for arm in arms_timed:
+            cells = [
+                f"{_ms(timing[t][arm]['ms_per_step'])} | {timing[t][arm]['over_lora_median']:.2f}"
+                for t in timing
+            ]
+            note = "" if arm in arms else " (timed only)"
+            lines.append(f"| {arm}{note} | " + " | ".join(cells) + " |")
     held = []
     for task, result in tasks.items():
         for arm, metrics in result["summary"].items():
+            found = []
             for metric, entry in metrics.items():
                 d = entry.get("diff")
                 if d is None or "p_holm" not in d or d["p_holm"] >= SIGNIFICANT:
                     continue
                 low, high = d["mean"] - d["ci95"], d["mean"] + d["ci95"]
                 digits = 4 if metric.startswith("sharp") else 3 if "nll" in metric else 2
-                held.append(
-                    f"{task}, {arm}, {_real_metric(metric)}: {_signed(d['mean'], digits)} "
-                    f"[{_signed(low, digits)}, {_signed(high, digits)}], {d['wins']} of "
-                    f"{seeds[task]} seeds better"
+                found.append(
+                    f"{_real_metric(metric)} {_signed(d['mean'], digits)} "
+                    f"[{_signed(low, digits)}, {_signed(high, digits)}] ({d['wins']}/{seeds[task]})"
                 )
+            if found:
+                held.append(f"**{task}, {arm}:** " + "; ".join(found) + ".")
     lines += [
         "",
         f"Significant after the Holm correction over all {data['holm_family']} comparisons "
-        "(every arm, metric and task of the run)" + (":" if held else ": none."),
+        "(every arm, metric and task of the run; in brackets the 95% CI, then the seeds on "
+        "which the arm did better)" + (":" if held else ": none."),
         "",
         *[f"- {h}" for h in held],
     ]
@@ -820,24 +859,57 @@ def quality_real_flat() -> str:
         best = max(flat, key=lambda a: summary[a]["acc clean"]["diff"]["mean"])
         d = summary[best]["acc clean"]["diff"]
         low, high = d["mean"] - d["ci95"], d["mean"] + d["ci95"]
-        nominal = [
-            (arm, m, e["diff"])
-            for arm in flat
-            for m, e in summary[arm].items()
-            if e["diff"]["p"] < SIGNIFICANT
-        ]
+        counted = [  # the comparisons of the Holm family (a repeated test set counts once)
+            (arm, m, e["diff"]) for arm in flat for m, e in summary[arm].items()
+            if "p_holm" in e["diff"]
+        ]  # fmt: skip
+        nominal = [c for c in counted if c[2]["p"] < SIGNIFICANT]
         gains = sum((x["mean"] > 0) == m.startswith(("acc", "f1")) for _, m, x in nominal)
         held = sum(x["p_holm"] < SIGNIFICANT for _, _, x in nominal)
-        ratios = [result["cost"][a]["over_lora_median"] for a in flat]
+        cost = data.get("timing", {}).get(task) or result["cost"]
+        ratios = [cost[a]["over_lora_median"] for a in flat]
         lines.append(
             f"- **{REAL_TASKS.get(task, task)}.** The best Flat σ in clean accuracy was "
             f"{best.split()[1]}: {_signed(d['mean'])} [{_signed(low)}, {_signed(high)}] "
             f"points, {d['wins']} of {n} seeds better. Of the Flat arms' "
-            f"{sum(len(summary[a]) for a in flat)} comparisons, {len(nominal)} were nominally "
+            f"{len(counted)} comparisons, {len(nominal)} were nominally "
             f"significant (p < {SIGNIFICANT}; {gains} gains, {len(nominal) - gains} losses) and "
             f"{held} held after the Holm correction. A Flat step cost "
             f"{_span(ratios, lambda v: f'{v:.2f}')}× a LoRA step."
         )
+    return "\n".join(lines)
+
+
+def quality_real_sigma() -> str:
+    """Each Flat σ against plain LoRA on the real data: clean, robustness, sharpness."""
+    data = _real()
+    tasks = data["tasks"]
+    flat = [a["name"] for a in data["arms"] if a["kind"] == "flat"]
+    heads, keys = [], []
+    for task, result in tasks.items():
+        corrupt = (
+            f"acc {result['corruptions'][0]}-3"
+            if len(result["corruptions"]) == 1
+            else "acc corrupted-3"
+        )
+        where = "typos 3" if corrupt == "acc typos-3" else "corr. 3"
+        n = result["summary"]["LoRA"]["acc clean"]["n"]
+        heads += [
+            f"{task}: Δ clean acc ({n} seeds)",
+            f"{task}: Δ {where} acc",
+            f"{task}: Δ sharp. @0.3",
+        ]
+        keys += [(task, "acc clean", 2), (task, corrupt, 2), (task, "sharpness 0.30", 4)]
+    lines = [
+        "| training σ | " + " | ".join(heads) + " |",
+        "|---|" + "---|" * len(heads),
+    ]
+    for arm in flat:
+        cells = []
+        for task, metric, digits in keys:
+            entry = tasks[task]["summary"][arm][metric]
+            cells.append(_real_cell(entry["diff"], digits, entry["n"]))
+        lines.append(f"| {arm.split()[1]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -859,6 +931,7 @@ GENERATORS = {
     "perf-ops": perf_ops,
     "quality-real": quality_real,
     "quality-real-flat": quality_real_flat,
+    "quality-real-sigma": quality_real_sigma,
 }
 
 
