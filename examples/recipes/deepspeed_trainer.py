@@ -13,6 +13,7 @@ Needs ``pip install deepspeed transformers accelerate peft`` (on CPU: ``DS_BUILD
 """
 
 import argparse
+import gc
 import os
 import socket
 import tempfile
@@ -100,7 +101,13 @@ def worker(rank: int, world_size: int, port: int, steps: int, output_dir: str) -
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
-    run(steps, output_dir)
+    try:
+        run(steps, output_dir)
+    finally:  # leave the process group together, before exit: rank 0 holds its store
+        if torch.distributed.is_initialized():
+            gc.collect()  # the engine's state, held by reference cycles, goes while it lives
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 
 
 def main() -> None:

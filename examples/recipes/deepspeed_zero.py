@@ -12,6 +12,7 @@ frozen partitions are never written. Needs ``pip install deepspeed`` (on CPU:
 """
 
 import argparse
+import gc
 import os
 import socket
 
@@ -84,7 +85,13 @@ def worker(rank: int, world_size: int, port: int, steps: int) -> None:
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
-    run(steps)
+    try:
+        run(steps)
+    finally:  # leave the process group together, before exit: rank 0 holds its store
+        if torch.distributed.is_initialized():
+            gc.collect()  # the engine's state, held by reference cycles, goes while it lives
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 
 
 def main() -> None:
