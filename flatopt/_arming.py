@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._generators import Generators, _parallel
 from ._hooks import (
@@ -23,6 +23,8 @@ from ._hooks import (
     _unwind,
     drop_hooks,
     find_slot,
+    guard,
+    guard_while_armed,
     outside_backward,
     remove_hooks,
     root_hook,
@@ -78,6 +80,7 @@ class Arming:
                         )
                     swap = slot.swaps[name] = _Swap(self, site, reader)
                     self._swaps.append((slot, name, swap))
+                    guard(slot, reader.target.module)
         except BaseException:
             self.disarm()
             raise
@@ -92,11 +95,11 @@ class Arming:
 
     def disarm(self) -> None:
         swaps, self._swaps = self._swaps, []
-        slots = []
+        slots: dict[int, tuple[_Slot, nn.Module]] = {}
         for slot, name, swap in swaps:
             if slot.swaps.get(name) is swap:
                 del slot.swaps[name]
-            if slot not in slots:
-                slots.append(slot)
-        for slot in slots:
+            slots.setdefault(id(slot), (slot, swap.reader.target.module))
+        for slot, module in slots.values():
             _unwind(slot)
+            guard_while_armed(slot, module)

@@ -159,12 +159,31 @@ class _Guard:
             slot.calls -= 1
 
 
-def _guard(slot: _Slot, module: nn.Module) -> None:
-    """Put the `_Guard` of ``slot`` on ``module`` unless it is there (a copy lacks it)."""
+def guard(slot: _Slot, module: nn.Module) -> None:
+    """Put the `_Guard` of ``slot`` on ``module`` unless it is there: while the module is
+    armed, or arms itself (``auto=True``). Unarmed, its calls pay nothing for it."""
     current = module.__dict__.get("_compiled_call_impl")
     if isinstance(current, _Guard) and current.slot is slot:
         return
     module._compiled_call_impl = _Guard(slot, module, current)
+
+
+def unguard(module: nn.Module) -> None:
+    """Take the `_Guard` off ``module`` (putting back what it wrapped, e.g. module.compile())."""
+    current = module.__dict__.get("_compiled_call_impl")
+    if isinstance(current, _Guard):
+        if current.inner is None:
+            del module.__dict__["_compiled_call_impl"]
+        else:
+            module._compiled_call_impl = current.inner
+
+
+def guard_while_armed(slot: _Slot, module: nn.Module) -> None:
+    """The guard's rule: on while the slot has swaps or arms itself, off otherwise."""
+    if slot.swaps or slot.auto:
+        guard(slot, module)
+    elif not slot.frames:
+        unguard(module)
 
 
 _claim = threading.Lock()
@@ -300,7 +319,6 @@ def _slot(module: nn.Module) -> _Slot:
         module.register_forward_pre_hook(_PreHook(slot))
         module.register_forward_hook(_PostHook(slot), with_kwargs=True, always_call=True)
         module.register_state_dict_pre_hook(_StateDictHook(slot))
-    _guard(slot, module)
     return slot
 
 
@@ -360,12 +378,7 @@ def drop_hooks(module: nn.Module) -> None:
                 "_forward_pre_hooks_with_kwargs",
             ):
                 getattr(module, extra, {}).pop(key, None)
-    guard = module.__dict__.get("_compiled_call_impl")
-    if isinstance(guard, _Guard):
-        if guard.inner is None:
-            del module.__dict__["_compiled_call_impl"]
-        else:
-            module._compiled_call_impl = guard.inner
+    unguard(module)
     if slot is not None:
         slot.installed = False
         slot.auto = False

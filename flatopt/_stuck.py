@@ -26,11 +26,12 @@ _CHANGES = 2  # changes with no step before warning: one may be a user's own edi
 
 
 def _fingerprint(param: Tensor) -> tuple:
-    stored = getattr(param, "ds_tensor", None)
-    stored = param if stored is None else stored  # ZeRO-3: this rank's partition
-    if _zero.is_partitioned(param) or hasattr(param, "_hp_mapping"):
+    # DeepSpeed's attributes live in the tensor's __dict__: dict lookups, run at every forward.
+    extra = param.__dict__
+    if "ds_tensor" in extra or "_hp_mapping" in extra:
+        stored = param if extra.get("ds_tensor") is None else extra["ds_tensor"]  # ZeRO-3
         return (stored._version, stored.data_ptr(), stored.detach().clone())
-    return (stored._version, stored.data_ptr(), None)
+    return (param._version, param.data_ptr(), None)
 
 
 def _same(a: tuple, b: tuple) -> bool:
@@ -58,8 +59,8 @@ class _StuckWatch:
         if not module.training or self.owner is None or torch.compiler.is_compiling():
             return
         flat = self.owner()
-        if flat is None or flat._state.taken_by is not None:
-            return
+        if flat is None or flat._state.taken_by is not None or "stuck" in flat._state.warned:
+            return  # said once: nothing more to watch for
         state, now = flat._state, _fingerprint(self.param)
         if self.step != state.step or self.print is None:
             self.step, self.print, self.changes = state.step, now, 0

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from . import _flat, _stuck, _zero
 from ._arming import Arming, Generators, Site, _Slot, build_sites, root_hook
 from ._flat import FlatLoRA, sigma_t
+from ._hooks import guard_while_armed
 from ._swap import Law
 from ._wrapper import Wrapper
 from .adapters import Adapter, check_adapters, find_targets
@@ -173,20 +174,22 @@ class _State:
     def scan(self, warn: bool) -> None:
         roots, indexed = self.roots()
         before = {id(r.target.module): r.name for site in self.sites for r in site.readers}
-        old_slots = [r.slot for site in self.sites for r in site.readers]
+        old_slots = [(r.slot, r.target.module) for site in self.sites for r in site.readers]
         sites = build_sites(find_targets(self.model, self.adapters), roots, indexed)
         self.take_over({id(r.slot): r.slot for site in sites for r in site.readers}.values())
         self.sites = sites
         current = {id(r.slot) for site in self.sites for r in site.readers}
-        for slot in old_slots:  # a module no longer in the model no longer arms anything
+        for slot, module in old_slots:  # a module no longer in the model arms nothing
             if id(slot) not in current and slot.owner is not None and slot.owner() is self:
                 slot.auto, slot.watch, slot.owner = False, False, None
+                guard_while_armed(slot, module)
         self.stds = {}
         me = weakref.ref(self)
         for site in self.sites:
             for reader in site.readers:
                 slot = reader.slot
                 slot.owner, slot.auto, slot.watch = me, self.auto, not self.auto
+                guard_while_armed(slot, reader.target.module)
         if self.auto and self.resample == "call":
             root_hook(self.model, self)
         after = {id(r.target.module): r.name for site in self.sites for r in site.readers}
