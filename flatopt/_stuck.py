@@ -26,12 +26,11 @@ _CHANGES = 2  # changes with no step before warning: one may be a user's own edi
 
 
 def _fingerprint(param: Tensor) -> tuple:
-    # DeepSpeed's attributes live in the tensor's __dict__: dict lookups, run at every forward.
-    extra = param.__dict__
-    if "ds_tensor" in extra or "_hp_mapping" in extra:
-        stored = param if extra.get("ds_tensor") is None else extra["ds_tensor"]  # ZeRO-3
+    stored = getattr(param, "ds_tensor", None)
+    stored = param if stored is None else stored  # ZeRO-3: this rank's partition
+    if _zero.is_partitioned(param) or hasattr(param, "_hp_mapping"):
         return (stored._version, stored.data_ptr(), stored.detach().clone())
-    return (param._version, param.data_ptr(), None)
+    return (stored._version, stored.data_ptr(), None)
 
 
 def _same(a: tuple, b: tuple) -> bool:
