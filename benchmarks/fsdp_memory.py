@@ -94,6 +94,7 @@ def rank_main(method: str, rank: int, port: int, steps: int, tokens: int, width:
     peak = _status("VmHWM")
     shard = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
     print(json.dumps({"rank": rank, "base": base, "peak": peak, "shard_bytes": shard}))
+    dist.barrier()  # leave together: a rank exiting while rank 0's store is gone aborts
     dist.destroy_process_group()
 
 
