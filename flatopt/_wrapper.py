@@ -7,7 +7,9 @@ them work unchanged; its own hooks (step, state dict, load) run as on any optimi
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -85,3 +87,34 @@ class Wrapper(torch.optim.Optimizer):
             if result is not None:
                 sd = result
         return sd
+
+    def _check_mapping(self, state_dict: Any, what: str) -> dict[str, Any]:
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(
+                f"{what} must be a dict, got {type(state_dict).__name__}. Pass what "
+                f"{type(self).__name__}.state_dict() returned (e.g. "
+                "torch.load(path)['optimizer'])."
+            )
+        return dict(state_dict)  # a shallow copy, as torch.optim.Optimizer makes
+
+    def _to_load(self, state_dict: Any) -> dict[str, Any]:
+        """What `load_state_dict` loads: a checked shallow copy, after the load pre-hooks (each
+        may return a replacement)."""
+        state_dict = self._check_mapping(state_dict, "state_dict")
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = self._check_mapping(result, "A load_state_dict pre-hook's result")
+        return state_dict
+
+    def _load_inner(self, state_dict: Mapping[str, Any], key: str) -> None:
+        """Load all of ``state_dict`` but the wrapper's own ``key`` into the wrapped optimizer,
+        all or nothing: on an error its previous state is put back."""
+        inner = {name: value for name, value in state_dict.items() if name != key}
+        before = self._inner.state_dict()
+        try:
+            self._inner.load_state_dict(inner)
+        except BaseException:
+            with contextlib.suppress(Exception):  # put the old state back, then re-raise
+                self._inner.load_state_dict(before)
+            raise

@@ -29,7 +29,7 @@ from . import _zero
 from ._arming import Arming, Site
 from .adapters import Adapter
 from .noise import LowRank, _logical_matrix, derive_seed
-from .perturb import FlatPerturb, _is_int, _State
+from .perturb import FlatPerturb, _is_int, _State, check_number
 
 __all__ = ["Auxiliary", "BiLoRA", "clip_", "low_rank_norm_sq"]
 
@@ -192,15 +192,9 @@ def clip_(pairs: Iterable[tuple[Tensor, Tensor]], rho: float) -> Tensor:
 
 
 def _check_rho(rho: Any, name: str = "rho") -> float:
-    if isinstance(rho, bool) or not isinstance(rho, numbers.Real):
-        raise TypeError(f"Invalid {name}: {rho!r}. rho must be a number, e.g. rho=0.05.")
-    value = float(rho)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(
-            f"Invalid {name}: {rho!r}. rho, the radius of the auxiliary module's Frobenius "
-            "ball, must be a finite number > 0; the paper uses 0.05 (0.1 on some tasks)."
-        )
-    return value
+    """ρ, the radius of the auxiliary module's Frobenius ball."""
+    hint = "; the paper uses 0.05 (0.1 on some tasks)."
+    return check_number(rho, name, what="rho", minimum="> 0", hint=hint)
 
 
 def _check_rank(rank: Any, name: str = "rank") -> int:

@@ -12,7 +12,7 @@ import math
 import numbers
 import warnings
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Optional, Union
 
@@ -37,17 +37,24 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def check_number(value: Any, name: str, *, what: str, minimum: str, hint: str) -> float:
+    """``value`` as a Python float: a real number (NumPy's too), finite, not a bool, and
+    ``minimum`` (``">= 0"`` or ``"> 0"``); the errors name ``name``, the value and ``hint``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"Invalid {name}: {value!r}. {what} must be a number, e.g. {what}=0.05.")
+    number = float(value)
+    low = number < 0 if minimum == ">= 0" else number <= 0
+    if not math.isfinite(number) or low:
+        raise ValueError(
+            f"Invalid {name}: {value!r}. {what} must be a finite number {minimum}{hint}"
+        )
+    return number
+
+
 def check_sigma(sigma: Any, name: str = "sigma") -> float:
     """``sigma`` as a Python float: any real number (NumPy's too) >= 0 and finite, not a bool."""
-    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real):
-        raise TypeError(f"Invalid {name}: {sigma!r}. sigma must be a number, e.g. sigma=0.05.")
-    value = float(sigma)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(
-            f"Invalid {name}: {sigma!r}. sigma must be a finite number >= 0; the paper uses "
-            "0.05 to 0.10 (0.15 for CLIP)."
-        )
-    return value
+    hint = "; the paper uses 0.05 to 0.10 (0.15 for CLIP)."
+    return check_number(sigma, name, what="sigma", minimum=">= 0", hint=hint)
 
 
 def _check_total_steps(total_steps: Any, where: str = "") -> Optional[int]:
@@ -860,15 +867,6 @@ class FlatPerturb(Wrapper):
                 changed.append(f"{name}: this FlatPerturb's {ours!r}, the checkpoint's {theirs!r}")
         return changed
 
-    @staticmethod
-    def _check_mapping(state_dict: Any, what: str) -> dict[str, Any]:
-        if not isinstance(state_dict, Mapping):
-            raise TypeError(
-                f"{what} must be a dict, got {type(state_dict).__name__}. Pass what "
-                "FlatPerturb.state_dict() returned (e.g. torch.load(path)['optimizer'])."
-            )
-        return dict(state_dict)  # a shallow copy, as torch.optim.Optimizer makes
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a `state_dict`; the checkpoint's noise settings replace the current ones.
 
@@ -894,21 +892,10 @@ class FlatPerturb(Wrapper):
         state = self._state
         if state.arming is not None and not state.arming.auto:
             raise RuntimeError("load_state_dict() while perturbed; call opt.restore() first.")
-        state_dict = self._check_mapping(state_dict, "state_dict")
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = pre_hook(self, state_dict)
-            if result is not None:
-                state_dict = self._check_mapping(result, "A load_state_dict pre-hook's result")
+        state_dict = self._to_load(state_dict)
         own = state_dict.get("flatopt")
         settings = self._check_own(own) if own is not None else None
-        inner = {key: value for key, value in state_dict.items() if key != "flatopt"}
-        before = self._inner.state_dict()
-        try:
-            self._inner.load_state_dict(inner)
-        except BaseException:
-            with contextlib.suppress(Exception):  # put the old state back, then re-raise
-                self._inner.load_state_dict(before)
-            raise
+        self._load_inner(state_dict, "flatopt")
         state.disarm()  # an auto-armed step belongs to the old step count
         if settings is None:
             warnings.warn(

@@ -22,9 +22,6 @@ Caveats, up front:
 
 from __future__ import annotations
 
-import contextlib
-import math
-import numbers
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, Optional
@@ -33,22 +30,18 @@ import torch
 from torch import Tensor, nn
 
 from ._wrapper import Wrapper
-from .perturb import FlatPerturb
+from .perturb import FlatPerturb, check_number
 
 __all__ = ["LoRASAM", "sam_perturbation"]
 
 
 def _check_rho(rho: Any, name: str = "rho") -> float:
     """``rho`` as a Python float: a real number (NumPy's too) > 0 and finite, not a bool."""
-    if isinstance(rho, bool) or not isinstance(rho, numbers.Real):
-        raise TypeError(f"Invalid {name}: {rho!r}. rho must be a number, e.g. rho=0.05.")
-    value = float(rho)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(
-            f"Invalid {name}: {rho!r}. rho must be a finite number > 0 (0.05 is SAM's usual "
-            "radius); for training without SAM, step the wrapped optimizer itself."
-        )
-    return value
+    hint = (
+        " (0.05 is SAM's usual radius); for training without SAM, step the wrapped optimizer "
+        "itself."
+    )
+    return check_number(rho, name, what="rho", minimum="> 0", hint=hint)
 
 
 def _check_adaptive(adaptive: Any, name: str = "adaptive") -> bool:
@@ -328,26 +321,10 @@ class LoRASAM(Wrapper):
             TypeError: ``state_dict`` or its entry is not a dict, or an entry has the wrong type.
             ValueError: a bad or missing entry.
         """
-        if not isinstance(state_dict, Mapping):
-            raise TypeError(
-                f"state_dict must be a dict, got {type(state_dict).__name__}. Pass what "
-                "LoRASAM.state_dict() returned (e.g. torch.load(path)['optimizer'])."
-            )
-        state_dict = dict(state_dict)
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = pre_hook(self, state_dict)
-            if result is not None:
-                state_dict = dict(result)
+        state_dict = self._to_load(state_dict)
         own = state_dict.get("lora_sam")
         settings = self._check_own(own) if own is not None else None
-        inner = {key: value for key, value in state_dict.items() if key != "lora_sam"}
-        before = self._inner.state_dict()
-        try:
-            self._inner.load_state_dict(inner)
-        except BaseException:
-            with contextlib.suppress(Exception):  # put the old state back, then re-raise
-                self._inner.load_state_dict(before)
-            raise
+        self._load_inner(state_dict, "lora_sam")
         if settings is None:
             warnings.warn(
                 "state_dict has no 'lora_sam' entry (written by the bare optimizer?): loaded "
