@@ -246,7 +246,7 @@ def _nested(slot: _Slot, module: nn.Module) -> list[Any]:
     try:
         for swap in slot.swaps.values():
             entry = outer.get(swap)
-            if entry is not None and entry.perturbed is not None and _holds(entry):
+            if entry is not None and entry.perturbed is not None and entry.holds_perturbed():
                 nested.append(None)
             else:
                 nested.append(swap.pre(module))
@@ -254,11 +254,6 @@ def _nested(slot: _Slot, module: nn.Module) -> list[Any]:
         _undo(nested)
         raise
     return nested
-
-
-def _holds(entry: Any) -> bool:
-    """The module still reads the W + ε of ``entry`` (a ZeRO-3 weight holds it in .data)."""
-    return entry.holds_perturbed()
 
 
 def _post(slot: _Slot, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:

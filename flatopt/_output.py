@@ -91,17 +91,12 @@ def layer_op(module: nn.Module, weight: Tensor, transposed: bool = False) -> Opt
 
 
 class OutputNoise(torch.autograd.Function):
-    """f(x; ε) with ε regenerated in backward: nothing weight-sized is saved.
-
-    ε and f(x; ε) are in ``dtype``, the layer's output dtype: a floating input of another dtype
-    (fp32 into a layer that computes in bf16) is cast to it, as the layer casts it, and its
-    gradient is cast back."""
+    """f(x; ε) with ε regenerated in backward: nothing weight-sized is saved. ``x`` is in
+    ``dtype``, the layer's output dtype, which ε is drawn in."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, epsilon: Callable[[torch.dtype], Tensor], op: _Op, dtype):
-        ctx.epsilon, ctx.op, ctx.dtype, ctx.x_dtype = epsilon, op, dtype, x.dtype
-        if x.is_floating_point() and x.dtype != dtype:
-            x = x.to(dtype)
+        ctx.epsilon, ctx.op, ctx.dtype = epsilon, op, dtype
         ctx.x_like = torch.empty((), dtype=x.dtype, device=x.device).expand(x.shape)
         return op.forward(x, epsilon(dtype))
 
@@ -109,5 +104,4 @@ class OutputNoise(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], None, None, None]:
         if not ctx.needs_input_grad[0] or ctx.op.input_grad is None:
             return None, None, None, None
-        grad_x = ctx.op.input_grad(grad.to(ctx.dtype), ctx.epsilon(ctx.dtype), ctx.x_like)
-        return grad_x.to(ctx.x_dtype), None, None, None
+        return ctx.op.input_grad(grad, ctx.epsilon(ctx.dtype), ctx.x_like), None, None, None

@@ -71,7 +71,8 @@ class Perturbation(Protocol):
     def output(self, weight: Tensor, op: Any, x: Tensor, dtype: torch.dtype) -> Tensor:
         """f(x; P), the part of the output P adds, for a quantized W that cannot be added to
         (``op`` is the layer as a function of its weight, `flatopt._output.layer_op`), and for
-        a P whose ``output_side`` attribute is true (a low-rank P on a plain linear layer)."""
+        a P whose ``output_side`` attribute is true (a low-rank P on a plain linear layer).
+        A floating ``x`` arrives in ``dtype``, the layer's output dtype."""
 
     def transformed(self, weight: Tensor, plain: Tensor) -> Tensor:
         """W + P inside a torch.func transform: no saved-tensor hooks (the transforms refuse
@@ -108,7 +109,7 @@ class Dense:
         return weight + p
 
     def output(self, weight: Tensor, op: Any, x: Tensor, dtype: torch.dtype) -> Tensor:
-        return op.forward(x.to(dtype) if x.is_floating_point() else x, self.tensor.to(dtype))
+        return op.forward(x, self.tensor.to(dtype))
 
     def transformed(self, weight: Tensor, plain: Tensor) -> Tensor:
         return weight + self.tensor.to(weight.dtype)
@@ -236,6 +237,8 @@ class _Swap:
                 "one tensor."
             )
         dtype = output.dtype if output.is_floating_point() else torch.get_default_dtype()
+        if x.is_floating_point() and x.dtype != dtype:
+            x = x.to(dtype)  # as the layer computes (fp32 into bf16); autograd casts x's grad back
         perturbation = self.arming.perturbation(self.site, weight)
         return output + perturbation.output(weight, self.reader.op(weight), x, dtype)
 

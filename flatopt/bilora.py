@@ -94,8 +94,6 @@ class Auxiliary:
         return self.apply(weight)
 
     def output(self, weight: Tensor, op: Any, x: Tensor, dtype: torch.dtype) -> Tensor:
-        if x.is_floating_point():
-            x = x.to(dtype)
         if self.linear:  # never a weight-sized tensor: O(r·(m + n)) per token
             return F.linear(F.linear(x, self.A.to(dtype)), self.B.to(dtype))
         return op.forward(x, self.dense(weight, dtype))
