@@ -62,5 +62,7 @@ for script in examples/recipes/deepspeed_*.py; do
   echo "-- $script"
   .venv-ds/bin/python "$script" --smoke
 done
+echo "-- benchmarks/_zero_memory.py (smoke; it measures, it asserts nothing)"
+.venv-ds/bin/python benchmarks/_zero_memory.py --smoke --out "$(mktemp -d)/zero_memory.json"
 
 echo "== integrations finished in $((SECONDS - start)) s"

@@ -23,20 +23,12 @@ import datetime
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 
+from _rank_memory import MIB, per_rank, status
+
 BLOCKS = 4
-MIB = 2**20
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
 
 
 def rank_main(method: str, rank: int, steps: int, tokens: int, width: int) -> None:
@@ -88,10 +80,10 @@ def rank_main(method: str, rank: int, steps: int, tokens: int, width: int) -> No
     dist.barrier()
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")  # reset the peak RSS to the current RSS
-    base = _status("VmRSS")
+    base = status("VmRSS")
     for _ in range(steps):
         step()
-    peak = _status("VmHWM")
+    peak = status("VmHWM")
     shard = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in model.parameters())
     print(json.dumps({"rank": rank, "base": base, "peak": peak, "shard_bytes": shard}))
     engine.destroy()
@@ -159,28 +151,13 @@ def main() -> None:
         f"gathered target weight {layer / MIB:.0f} MiB; {args.steps} steps, median of "
         f"{args.repeat}"
     )
-    ranks = []
-    for rank in range(2):
-        extra = {
-            m: statistics.median((r[rank]["peak"] - r[rank]["base"]) for r in runs[m]) for m in runs
-        }
-        shard = runs["lora"][0][rank]["shard_bytes"]
-        difference = extra["flat"] - extra["lora"]
-        ranks.append(
-            {
-                "rank": rank,
-                "partition_bytes": shard,
-                "peak_above_start_bytes": extra,
-                "flat_minus_lora_bytes": difference,
-                "in_largest_gathered_target_weights": difference / layer,
-            }
-        )
-        print(
-            f"rank {rank}: partitions held {shard / MIB:.0f} MiB; peak above the pre-step RSS: "
-            f"lora {extra['lora'] / MIB:.1f} MiB, flat {extra['flat'] / MIB:.1f} MiB; "
-            f"flat - lora = {difference / MIB:.1f} MiB = {difference / layer:.2f} x the largest "
-            "gathered target weight"
-        )
+    ranks = per_rank(
+        runs,
+        layer,
+        "partition_bytes",
+        "in_largest_gathered_target_weights",
+        "gathered target weight",
+    )
     if args.out:
         import deepspeed
         import torch

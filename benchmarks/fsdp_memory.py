@@ -19,20 +19,12 @@ import datetime
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 
+from _rank_memory import MIB, per_rank, status
+
 BLOCKS = 4
-MIB = 2**20
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
 
 
 def rank_main(method: str, rank: int, port: int, steps: int, tokens: int, width: int) -> None:
@@ -88,10 +80,10 @@ def rank_main(method: str, rank: int, port: int, steps: int, tokens: int, width:
     dist.barrier()
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")  # reset the peak RSS to the current RSS
-    base = _status("VmRSS")
+    base = status("VmRSS")
     for _ in range(steps):
         step()
-    peak = _status("VmHWM")
+    peak = status("VmHWM")
     shard = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
     print(json.dumps({"rank": rank, "base": base, "peak": peak, "shard_bytes": shard}))
     dist.barrier()  # leave together: a rank exiting while rank 0's store is gone aborts
@@ -146,28 +138,7 @@ def main() -> None:
         f"model {BLOCKS} blocks, d={args.width}, {args.tokens} tokens per step; largest target "
         f"weight {layer / MIB:.0f} MiB; {args.steps} steps, median of {args.repeat}"
     )
-    ranks = []
-    for rank in range(2):
-        extra = {
-            m: statistics.median((r[rank]["peak"] - r[rank]["base"]) for r in runs[m]) for m in runs
-        }
-        shard = runs["lora"][0][rank]["shard_bytes"]
-        difference = extra["flat"] - extra["lora"]
-        ranks.append(
-            {
-                "rank": rank,
-                "params_held_bytes": shard,
-                "peak_above_start_bytes": extra,
-                "flat_minus_lora_bytes": difference,
-                "in_largest_target_weights": difference / layer,
-            }
-        )
-        print(
-            f"rank {rank}: params held {shard / MIB:.0f} MiB; peak above the pre-step RSS: "
-            f"lora {extra['lora'] / MIB:.1f} MiB, flat {extra['flat'] / MIB:.1f} MiB; "
-            f"flat - lora = {difference / MIB:.1f} MiB = {difference / layer:.2f} x the largest "
-            "target weight"
-        )
+    ranks = per_rank(runs, layer, "params_held_bytes", "in_largest_target_weights", "target weight")
     if args.out:
         report = {
             "benchmark": "fsdp_memory",
