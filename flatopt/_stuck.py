@@ -67,7 +67,7 @@ class _StuckWatch:
         if _same(now, self.print):
             return
         self.print = now
-        if _zero._in_flat_step(flat):  # a closure re-evaluated inside the step (LBFGS)
+        if state.in_step:  # a closure re-evaluated inside the step (LBFGS)
             return
         self.changes += 1
         if self.changes >= _CHANGES:

@@ -244,22 +244,6 @@ class _NoStep:
         return None
 
 
-def _in_flat_step(flat: Any) -> bool:
-    """Whether ``flat``'s own step() is running in this thread (it steps the wrapped
-    optimizer itself)."""
-    from .perturb import FlatPerturb
-
-    code = getattr(FlatPerturb.step, "__wrapped__", FlatPerturb.step).__code__
-    frame = sys._getframe(1)
-    for _ in range(24):
-        if frame is None:
-            return False
-        if frame.f_code is code and frame.f_locals.get("self") is flat:
-            return True
-        frame = frame.f_back
-    return False
-
-
 class _Watch:
     """A step pre-hook on the wrapped optimizer: when someone other than FlatPerturb steps it
     (DeepSpeed's engine.step()), count that step. A copy is inert."""
@@ -274,7 +258,7 @@ class _Watch:
 
     def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         flat = self.owner() if self.owner is not None else None
-        if flat is None or flat._inner is not optimizer or _in_flat_step(flat):
+        if flat is None or flat._inner is not optimizer or flat._state.in_step:
             return
         state = flat._state
         if _same_step(state):

@@ -167,6 +167,7 @@ class _State:
         self.seed_given: bool = settings.get("seed_given", True)  # False: drawn, not chosen
         self.model_forwards = 0  # training forwards of the model since the last step()
         self.in_closure = False  # step(closure) is running the closure, perturbed
+        self.in_step = False  # step() is running the wrapped optimizer's step
         self.sites: list[Site] = []
         self.taken_by: Optional[str] = None  # the wrapper that took the model over, described
         self.scan(warn=False)
@@ -706,9 +707,11 @@ class FlatPerturb(Wrapper):
                 )
         elif not state.auto and clean and active:
             state.warn_once("partly", self._partly_message(clean))
+        state.in_step = True  # the wrapped optimizer's step is this one's, not someone else's
         try:
             loss = self._inner.step() if closure is None else self._inner.step(closure)
         finally:
+            state.in_step = False
             if state.auto:
                 state.disarm()
         if state.auto and active and state.calls_step == 0:
