@@ -85,6 +85,7 @@ class Noise:
     """One weight's noise for one draw: its std, seed, generator, layout and kept row."""
 
     __slots__ = ("generator", "keep", "scale", "seed", "std", "transposed")
+    output_side = False  # W + ε is built; the output side is for quantized weights only
 
     def __init__(
         self,

@@ -60,6 +60,8 @@ class Perturbation(Protocol):
     hooks, tokens, exactness and auto mode around it are the same for each.
     """
 
+    output_side: bool  # P is added to the layer's output (`output`), W + P never built
+
     def apply(self, weight: Tensor) -> Tensor:
         """W + P as a new tensor, outside autograd. Called again, bit for bit the same, when
         backward unpacks a saved W + P (so P's inputs must not change in between)."""
@@ -96,6 +98,7 @@ class Dense:
     """
 
     __slots__ = ("tensor",)
+    output_side = False
 
     def __init__(self, tensor: Tensor):
         self.tensor = tensor
@@ -163,7 +166,7 @@ class _Swap:
         if _in_transform() is not None:
             return self._pre_transformed(weight)
         perturbation = arming.perturbation(self.site, weight)
-        if getattr(perturbation, "output_side", False):  # P added to the output, in post
+        if perturbation.output_side:  # P added to the output, in post
             arming.calls += 1
             return _Entry(self, weight, None, None)
         perturbed = perturbation.forward(weight)
